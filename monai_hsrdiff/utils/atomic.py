@@ -1,0 +1,49 @@
+"""Atomic file output: write under a temporary name in the target folder, rename when complete.
+
+A reader (or a resumed run) therefore sees either the previous file or the complete new
+one, never a half-written file that looks valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write_text"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    ``suffix`` defaults to the target's suffix, so writers that pick a format from the
+    extension (NumPy, SimpleITK, nibabel) still see the right one.
+
+    Example::
+
+        with atomic_path("out/item.npz") as tmp:
+            np.savez_compressed(tmp, image=image)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) if suffix is None else suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8) and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
