@@ -111,3 +111,75 @@ def require_datalist(dataset_dir: str, task: str, splits: list[str] | tuple[str,
         if missing:
             raise fail(f"{path}: {len(missing)} item file(s) of split {split!r} are missing, e.g. {missing[0]}")
     return str(path)
+
+
+def announce(datalist: str, run_dir: str, network=None) -> None:
+    """Print what this run uses: data set (and whether its images are SYNTHETIC), run folder, model size."""
+    doc = json.loads(Path(datalist).read_text())
+    print(f"[hsrdiff] data: {doc.get('name', '?')} from {datalist}", flush=True)
+    if doc.get("synthetic"):
+        print(
+            "[hsrdiff] NOTE: this data set is SYNTHETIC (demo images generated around real reader contours); "
+            "its metrics say nothing about real CT/MRI.",
+            flush=True,
+        )
+    for split in ("training", "validation", "test"):
+        print(f"[hsrdiff]   {split}: {len(doc.get(split, []))} items", flush=True)
+    if network is not None:
+        n = sum(p.numel() for p in network.parameters())
+        print(f"[hsrdiff] network: {type(network).__name__}, {n / 1e6:.2f}M parameters", flush=True)
+    print(f"[hsrdiff] run directory: {run_dir}", flush=True)
+
+
+def make_dataset(
+    datalist: str,
+    split: str,
+    transforms,
+    in_channels: int,
+    image_size: int | None = None,
+    max_items: int | None = None,
+    cache: bool = False,
+):
+    """The split's MONAI dataset, after checking its first item against the network's input.
+
+    Stops with a message naming the item file when its channel count differs from
+    ``in_channels`` or its size from ``image_size``: before any long work starts.
+    """
+    from monai_hsrdiff.data import ItemFormatError, get_dataset, load_datalist, load_item
+
+    try:
+        entries = load_datalist(datalist, split)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise fail(str(e)) from e
+    if max_items is not None:
+        entries = entries[: int(max_items)]
+    try:
+        first = load_item(entries[0]["item"])
+    except ItemFormatError as e:
+        raise fail(str(e)) from e
+    c, h, w = first["image"].shape
+    if c != in_channels:
+        raise fail(
+            f"{entries[0]['item']}: image has {c} channel(s) but the network expects in_channels={in_channels}; "
+            f"set --in_channels {c} or use the data set this bundle was made for"
+        )
+    if image_size is not None and (h, w) != (image_size, image_size):
+        raise fail(
+            f"{entries[0]['item']}: image is {h}x{w} but the bundle's image_size is {image_size}; "
+            f"set --image_size {h} or re-run preprocessing with --size {image_size}"
+        )
+    return get_dataset(entries, transforms=transforms, cache=cache)
+
+
+def report_metrics(evaluator, eval_dir: str) -> dict:
+    """Print the evaluator's metrics and write them to ``<eval_dir>/metrics.json`` (atomically)."""
+    from monai_hsrdiff.utils import atomic_write_text
+
+    metrics = {k: float(v) for k, v in evaluator.state.metrics.items()}
+    print("[hsrdiff] evaluation metrics:", flush=True)
+    for k, v in sorted(metrics.items()):
+        print(f"[hsrdiff]   {k} = {v:.4f}", flush=True)
+    out = Path(eval_dir) / "metrics.json"
+    atomic_write_text(out, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    print(f"[hsrdiff] metrics written to {out}", flush=True)
+    return metrics

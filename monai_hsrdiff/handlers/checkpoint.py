@@ -1,0 +1,130 @@
+"""Atomic checkpoints for resume, and finding the last complete one.
+
+MONAI's ``CheckpointSaver`` writes with ``atomic=False``; a run killed during a write then
+leaves a truncated file that looks like the newest checkpoint. This handler uses ignite's
+own ``Checkpoint`` with ``DiskSaver(atomic=True)`` (temporary file, then rename), and
+:func:`latest_checkpoint` skips any file that does not load, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
+from monai.handlers import CheckpointLoader
+
+__all__ = ["ResumeCheckpointer", "latest_checkpoint", "resume_from_latest"]
+
+PREFIX = "resume"
+_STEP = re.compile(rf"^{PREFIX}_checkpoint_(\d+)\.pt$")
+
+logger = logging.getLogger(__name__)
+
+
+class ResumeCheckpointer:
+    """Save everything needed to resume (network, optimizer, lr scheduler, trainer state, EMA).
+
+    Args:
+        save_dir: folder of the checkpoints (``resume_checkpoint_<iteration>.pt``).
+        save_dict: name -> object with ``state_dict()``; include the trainer itself so its
+            epoch/iteration counters are restored.
+        every_n_epochs: save at the end of every n-th epoch (0: never).
+        every_n_iterations: also save every n iterations (0: never); for long epochs, so a
+            kill mid-epoch loses at most n iterations.
+        n_saved: how many of the newest checkpoints to keep (>= 2 keeps a fallback when the
+            newest is damaged on disk).
+
+    Example::
+
+        ResumeCheckpointer("runs/lidc/checkpoints", {"network": net, "optimizer": opt, "trainer": trainer}).attach(trainer)
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict[str, Any],
+        every_n_epochs: int = 1,
+        every_n_iterations: int = 0,
+        n_saved: int = 2,
+    ) -> None:
+        if every_n_epochs < 0 or every_n_iterations < 0:
+            raise ValueError(
+                f"ResumeCheckpointer: every_n_epochs/every_n_iterations must be >= 0, got {every_n_epochs}/{every_n_iterations}"
+            )
+        self.save_dir = save_dir
+        self.every_n_epochs = int(every_n_epochs)
+        self.every_n_iterations = int(every_n_iterations)
+        self.save_dict = save_dict
+        self.n_saved = n_saved
+        self._checkpoint: Checkpoint | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self._checkpoint = Checkpoint(
+            self.save_dict,
+            DiskSaver(self.save_dir, atomic=True, require_empty=False, create_dir=True),
+            filename_prefix=PREFIX,
+            n_saved=self.n_saved,
+            global_step_transform=lambda e, _: e.state.iteration,
+        )
+        if self.every_n_epochs:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs), self._save)
+        if self.every_n_iterations:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self._save)
+
+    def _save(self, engine: Engine) -> None:
+        assert self._checkpoint is not None
+        # the same iteration can be hit by both events at an epoch end: save once
+        if self._checkpoint.last_checkpoint and str(self._checkpoint.last_checkpoint).endswith(f"_{engine.state.iteration}.pt"):
+            return
+        self._checkpoint(engine)
+
+
+def _candidates(save_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in save_dir.glob(f"{PREFIX}_checkpoint_*.pt"):
+        m = _STEP.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(save_dir: str | Path) -> tuple[Path, dict] | None:
+    """Return (path, loaded object) of the newest checkpoint that loads, or None.
+
+    A checkpoint that fails to load (truncated, corrupt) is skipped with a warning naming
+    it, and the previous one is tried.
+    """
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return None
+    for _, path in _candidates(save_dir):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to load means: not a usable checkpoint
+            warnings.warn(f"skipping damaged checkpoint {path}: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        return path, obj
+    return None
+
+
+def resume_from_latest(engine: Engine, save_dir: str, load_dict: dict[str, Any]) -> str | None:
+    """Attach a MONAI ``CheckpointLoader`` for the newest complete checkpoint in ``save_dir``.
+
+    Returns the path it will load, or None (and logs it) when there is nothing to resume.
+    Loaded at ``Events.STARTED`` so the trainer continues at the saved epoch/iteration.
+    """
+    found = latest_checkpoint(save_dir)
+    if found is None:
+        logger.info("resume: no checkpoint in %s, starting from scratch", save_dir)
+        print(f"[resume] no checkpoint in {save_dir}; starting from scratch", flush=True)
+        return None
+    path, _ = found
+    print(f"[resume] resuming from {path}", flush=True)
+    CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location="cpu").attach(engine)
+    return str(path)
