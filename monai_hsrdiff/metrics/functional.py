@@ -3,7 +3,7 @@
 A model draws ``N`` segmentation samples ``S`` for one image; the image has ``A`` expert
 annotations ``Y``. Every metric here compares the two *sets* through the distance
 ``d(a, b) = 1 - IoU(a, b)`` with ``IoU(∅, ∅) = 1``, following the public evaluation code of
-PHiSeg (Baumgartner et al. 2019), MoSE (Gao et al. 2022) and CCDM (Zbinden et al. 2023), which
+PHiSeg (Baumgartner et al. 2019) and CCDM (Zbinden et al. 2023), which
 the HSRDiff paper (AAAI 2025, §Experiments "Metrics") reports against. ``docs/metrics.md``
 gives the formulae, the tie rules and where each convention comes from.
 
@@ -243,7 +243,7 @@ def generalized_energy_distance(
 
     ``D² = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')]`` with ``d = 1 - IoU`` (Kohl et al. 2018,
     Eq. 4; reported as D², without square root). Each expectation runs over ALL ordered pairs,
-    i = j included (divide by N·A, N², A²), as in the PHiSeg/MoSE/CCDM code, so the GED of a
+    i = j included (divide by N·A, N², A²), as in the PHiSeg and CCDM code, so the GED of a
     set against itself is exactly 0.
 
     Args:
@@ -297,7 +297,8 @@ def hungarian_matched_iou(samples: MaskLike, annotations: MaskLike, num_classes:
 def maximum_dice_matching(samples: MaskLike, annotations: MaskLike, num_classes: int | None = None) -> float:
     """Maximum Dice matching (MDM): mean over annotations of the best Dice among the samples.
 
-    ``MDM = (1/A) Σ_j max_i Dice(S_i, Y_j)``, ``Dice(∅, ∅) = 1`` (Gao et al. 2022, MoSE).
+    ``MDM = (1/A) Σ_j max_i Dice(S_i, Y_j)``, ``Dice(∅, ∅) = 1``. The HSRDiff paper cites no
+    formula; this is the usual definition (cf. ``D_max`` of Rahman et al. 2023, CIMD).
 
     Args:
         samples: model samples (N, *spatial), binary or label map.
