@@ -1,0 +1,482 @@
+"""ISBI-2015 longitudinal MS-Lesion (NIfTI) -> HSRDiff items and a patient-split datalist.
+
+Input layout (the challenge's training data, as unpacked)::
+
+    ROOT/training/trainingXX/preprocessed/trainingXX_YY_{flair,mprage,pd,t2}_pp.nii
+    ROOT/training/trainingXX/masks/trainingXX_YY_mask{1,2}.nii
+
+(patient = ``trainingXX``, time point = ``YY``; ``.nii.gz`` works too; ``ROOT`` may also be
+the ``training`` folder itself). Per time point:
+
+1. read the 4 modalities and 2 rater masks with nibabel; shapes and affines must agree;
+   no NaN/inf voxels;
+2. brain = voxels where any modality is > 0 (the ``_pp`` images are skull-stripped, the
+   background is exactly 0); each modality is z-scored over the brain, outside set to 0;
+3. the axial axis is the array axis whose direction is closest to the physical S axis
+   (found from the affine, not assumed to be the last array axis). Slices are taken
+   in DICOM display orientation: columns run towards patient Left (+x in LPS), rows
+   towards Posterior (+y);
+4. every axial slice with a lesion in either rater, plus ``round(empty_share × #lesion
+   slices)`` lesion-free brain slices drawn with a seed derived from (seed, patient,
+   time point);
+5. resize to ``size``×``size`` with MONAI ``Resize`` (image: bilinear, align_corners=False,
+   anti-aliased when shrinking; masks: nearest-exact, same pixel-centre mapping), and
+   store ``item_to_index`` for that mapping and ``item_to_physical`` in LPS (the nibabel
+   RAS affine with x and y negated).
+
+One unit of work = one patient, built in a temporary folder and renamed when complete;
+a re-run skips finished patients, ``--overwrite`` rebuilds them.
+
+Example::
+
+    python -m preprocessing.ms_lesion --root /data/ISBI2015 --out data/ms_lesion
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import Resize
+from monai.utils import convert_to_numpy
+
+from monai_hsrdiff.data.items import save_item
+from monai_hsrdiff.utils import atomic_write_text
+
+from .common import RunSummary, split_by_patient, write_datalist
+
+__all__ = [
+    "MODALITIES",
+    "RATERS",
+    "MSLesionInputError",
+    "TimePoint",
+    "axial_axis",
+    "find_time_points",
+    "main",
+    "preprocess_ms_lesion",
+    "slice_item_to_index",
+]
+
+MODALITIES = ("flair", "mprage", "pd", "t2")  # channel order of the items
+RATERS = ("mask1", "mask2")
+MANIFEST = "unit.json"
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_IMAGE_RE = re.compile(r"^(training\d+)_(\d+)_(flair|mprage|pd|t2)_pp\.nii(\.gz)?$")
+_MASK_RE = re.compile(r"^(training\d+)_(\d+)_(mask[12])\.nii(\.gz)?$")
+
+
+class MSLesionInputError(ValueError):
+    """The ISBI-2015 input is incomplete or inconsistent (names the file and the problem)."""
+
+
+@dataclass
+class TimePoint:
+    """The six files of one patient's time point."""
+
+    patient: str
+    time_point: str
+    images: dict[str, Path] = field(default_factory=dict)  # modality -> file
+    masks: dict[str, Path] = field(default_factory=dict)  # rater -> file
+
+    @property
+    def name(self) -> str:
+        return f"{self.patient}_{self.time_point}"
+
+
+def _training_dir(root: Path) -> Path:
+    if not root.is_dir():
+        raise MSLesionInputError(f"--root {root} is not a folder; point it at the ISBI-2015 folder holding training/")
+    return root / "training" if (root / "training").is_dir() else root
+
+
+def find_time_points(root: str | os.PathLike) -> dict[str, list[TimePoint]]:
+    """Discover ``{patient: [TimePoint, ...]}`` under ``root``; every file must be present.
+
+    Raises:
+        MSLesionInputError: no ``trainingXX`` folder, or a time point lacks a modality or
+            a mask (the message gives the expected file path).
+    """
+    root = Path(root)
+    tdir = _training_dir(root)
+    patient_dirs = sorted(p for p in tdir.iterdir() if p.is_dir() and re.fullmatch(r"training\d+", p.name))
+    if not patient_dirs:
+        raise MSLesionInputError(
+            f"no trainingXX folders under {tdir}; expected the ISBI-2015 layout "
+            "ROOT/training/trainingXX/preprocessed/trainingXX_YY_flair_pp.nii and .../masks/trainingXX_YY_mask1.nii"
+        )
+    out: dict[str, list[TimePoint]] = {}
+    for pdir in patient_dirs:
+        patient = pdir.name
+        tps: dict[str, TimePoint] = {}
+        for sub, regex, slot in (("preprocessed", _IMAGE_RE, "images"), ("masks", _MASK_RE, "masks")):
+            folder = pdir / sub
+            for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+                m = regex.match(f.name)
+                if m is None or m.group(1) != patient:
+                    continue
+                tp = tps.setdefault(m.group(2), TimePoint(patient, m.group(2)))
+                getattr(tp, slot)[m.group(3)] = f
+        if not tps:
+            raise MSLesionInputError(
+                f"patient {patient}: no time points found in {pdir / 'preprocessed'} or {pdir / 'masks'} "
+                f"(expected files like {patient}_01_flair_pp.nii and {patient}_01_mask1.nii)"
+            )
+        for key in sorted(tps):
+            tp = tps[key]
+            for mod in MODALITIES:
+                if mod not in tp.images:
+                    expected = pdir / "preprocessed" / f"{tp.name}_{mod}_pp.nii"
+                    raise MSLesionInputError(f"patient {patient}, time point {tp.time_point}: missing {mod.upper()} image {expected}")
+            for rater in RATERS:
+                if rater not in tp.masks:
+                    expected = pdir / "masks" / f"{tp.name}_{rater}.nii"
+                    raise MSLesionInputError(f"patient {patient}, time point {tp.time_point}: missing rater mask {expected}")
+        out[patient] = [tps[k] for k in sorted(tps)]
+    return out
+
+
+def check_headers(tp: TimePoint, atol: float = 1e-3) -> None:
+    """All six files of a time point must be 3D with the same shape and affine (headers only)."""
+    files = [tp.images[m] for m in MODALITIES] + [tp.masks[r] for r in RATERS]
+    ref_file = files[0]
+    try:
+        ref = nib.load(ref_file)
+    except Exception as e:  # nibabel raises several types for unreadable files
+        raise MSLesionInputError(f"cannot read {ref_file}: {e}") from e
+    if len(ref.shape) != 3:
+        raise MSLesionInputError(f"{ref_file}: expected a 3D volume, got shape {ref.shape}")
+    for f in files[1:]:
+        try:
+            img = nib.load(f)
+        except Exception as e:
+            raise MSLesionInputError(f"cannot read {f}: {e}") from e
+        if img.shape != ref.shape:
+            raise MSLesionInputError(f"shape mismatch: {f} has shape {img.shape} but {ref_file} has {ref.shape}")
+        if not np.allclose(img.affine, ref.affine, atol=atol):
+            raise MSLesionInputError(
+                f"affine mismatch: {f} and {ref_file} are not on the same voxel grid\n"
+                f"{f.name}:\n{np.array2string(img.affine, precision=4)}\n{ref_file.name}:\n{np.array2string(ref.affine, precision=4)}"
+            )
+
+
+def _read(path: Path) -> np.ndarray:
+    data = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise MSLesionInputError(f"{path}: {int(bad.sum())} NaN/inf voxels (of {data.size}); fix or re-export the volume")
+    return data
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """Array axis whose physical direction is closest to the S (z) axis of a 4×4 affine."""
+    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+    cos_z = np.abs(cols[2]) / np.linalg.norm(cols, axis=0)
+    return int(np.argmax(cos_z))
+
+
+def slice_axes(affine_lps: np.ndarray) -> tuple[int, int, int, bool, bool]:
+    """(slice axis, row axis, column axis, flip rows, flip columns) for DICOM display orientation.
+
+    Columns run along the in-plane axis closest to LPS x and increase towards patient
+    Left; rows run along the other one and increase towards Posterior (+y).
+    """
+    cols = np.asarray(affine_lps, dtype=np.float64)[:3, :3]
+    unit = cols / np.linalg.norm(cols, axis=0)
+    k = axial_axis(affine_lps)
+    a, b = [i for i in range(3) if i != k]
+    col_axis, row_axis = (a, b) if abs(unit[0, a]) >= abs(unit[0, b]) else (b, a)
+    return k, row_axis, col_axis, bool(unit[1, row_axis] < 0), bool(unit[0, col_axis] < 0)
+
+
+def slice_item_to_index(
+    shape: Sequence[int], axes: tuple[int, int, int, bool, bool], k: int, size: int
+) -> np.ndarray:
+    """4×4 map item pixel (row, col, 0, 1) -> continuous source index (i, j, k, 1).
+
+    Resizing ``n`` source pixels to ``size`` with pixel centres aligned (align_corners=False)
+    maps item coordinate ``r`` to ``u = (r + 0.5)·n/size − 0.5``; a flipped axis reads
+    ``n − 1 − u``. The item's third coordinate steps to the next slice, so the matrix is
+    invertible.
+    """
+    k_axis, row_axis, col_axis, flip_r, flip_c = axes
+    m = np.zeros((4, 4))
+    for item_dim, axis, flip in ((0, row_axis, flip_r), (1, col_axis, flip_c)):
+        n = shape[axis]
+        s = n / size
+        off = 0.5 * s - 0.5
+        m[axis, item_dim], m[axis, 3] = (-s, n - 1 - off) if flip else (s, off)
+    m[k_axis, 2] = 1.0
+    m[k_axis, 3] = k
+    m[3, 3] = 1.0
+    return m
+
+
+def _itk_geometry(affine_lps: np.ndarray) -> dict[str, list[float]]:
+    cols = affine_lps[:3, :3]
+    spacing = np.linalg.norm(cols, axis=0)
+    direction = cols / spacing
+    return {
+        "source_origin": affine_lps[:3, 3].tolist(),
+        "source_spacing": spacing.tolist(),
+        "source_direction": direction.reshape(-1).tolist(),
+    }
+
+
+def _time_point_items(
+    tp: TimePoint, root: Path, size: int, empty_share: float, seed: int
+) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]]:
+    """Build the (name, image, masks, item_to_index, item_to_physical, meta) of one time point."""
+    check_headers(tp)
+    vols = np.stack([_read(tp.images[m]) for m in MODALITIES])  # (4, X, Y, Z)
+    masks = np.stack([_read(tp.masks[r]) > 0 for r in RATERS])  # (2, X, Y, Z)
+    affine_lps = LPS_FROM_RAS @ nib.load(tp.images["flair"]).affine
+
+    # z-score over brain voxels (any modality > 0), background set to 0 (nnU-Net's "nonzero" scheme)
+    brain = (vols > 0).any(axis=0)
+    if not brain.any():
+        raise MSLesionInputError(f"{tp.images['flair']}: no voxel > 0 in any modality of {tp.name}; expected skull-stripped *_pp images")
+    stats = {}
+    for c, mod in enumerate(MODALITIES):
+        v = vols[c][brain]
+        mean, std = float(v.mean()), float(v.std())
+        if std <= 0:
+            raise MSLesionInputError(f"{tp.images[mod]}: constant over the brain (std 0), cannot z-score")
+        vols[c] = np.where(brain, (vols[c] - mean) / std, 0.0)
+        stats[mod] = [mean, std]
+
+    axes = slice_axes(affine_lps)
+    k_axis, row_axis, col_axis, flip_r, flip_c = axes
+
+    def planes(x: np.ndarray) -> np.ndarray:  # (C, X, Y, Z) -> (C, K, rows, cols), display orientation
+        x = np.moveaxis(x, (1 + k_axis, 1 + row_axis, 1 + col_axis), (1, 2, 3))
+        if flip_r:
+            x = x[:, :, ::-1]
+        if flip_c:
+            x = x[:, :, :, ::-1]
+        return x
+
+    img_p, mask_p, brain_p = planes(vols), planes(masks), planes(brain[None])[0]
+    lesion = mask_p.any(axis=(0, 2, 3))
+    lesion_slices = np.flatnonzero(lesion)
+    free = np.flatnonzero(~lesion & brain_p.any(axis=(1, 2)))
+    rng = np.random.default_rng([seed, zlib.crc32(tp.name.encode())])
+    n_free = min(int(round(empty_share * len(lesion_slices))), len(free))
+    chosen = sorted(lesion_slices.tolist() + rng.choice(free, size=n_free, replace=False).tolist())
+    if not chosen:
+        return []
+
+    # one Resize call per time point: slices stacked along the channel axis
+    img_in = torch.from_numpy(np.ascontiguousarray(img_p[:, chosen]).reshape(-1, *img_p.shape[2:]))
+    msk_in = torch.from_numpy(np.ascontiguousarray(mask_p[:, chosen]).reshape(-1, *mask_p.shape[2:]).astype(np.float32))
+    img_r = convert_to_numpy(Resize((size, size), mode="bilinear", align_corners=False, anti_aliasing=True)(img_in))
+    msk_r = convert_to_numpy(Resize((size, size), mode="nearest-exact")(msk_in))
+    img_r = img_r.reshape(len(MODALITIES), len(chosen), size, size).astype(np.float32)
+    msk_r = (msk_r.reshape(len(RATERS), len(chosen), size, size) > 0.5).astype(np.uint8)
+
+    shape = vols.shape[1:]
+    base_meta = {
+        "task": "ms_lesion",
+        "synthetic": False,
+        "patient": tp.patient,
+        "time_point": tp.time_point,
+        "source": tp.images["flair"].relative_to(root).as_posix(),
+        "sources": {m: tp.images[m].relative_to(root).as_posix() for m in MODALITIES},
+        "mask_sources": {r: tp.masks[r].relative_to(root).as_posix() for r in RATERS},
+        "channels": [m.upper() for m in MODALITIES],
+        "readers": list(RATERS),
+        "slice_axis": k_axis,
+        "source_size": list(shape),
+        "zscore_mean_std": stats,
+        "resize": {"image": "bilinear, align_corners=False, anti-aliased", "masks": "nearest-exact"},
+        **_itk_geometry(affine_lps),
+    }
+    out = []
+    for n, k in enumerate(chosen):
+        i2i = slice_item_to_index(shape, axes, k, size)
+        meta = dict(base_meta, slice_index=int(k), lesion=bool(lesion[k]))
+        out.append((f"{tp.name}_s{k:03d}", img_r[:, n], msk_r[:, n], i2i, affine_lps @ i2i, meta))
+    return out
+
+
+def _settings(size: int, empty_share: float, seed: int) -> dict[str, Any]:
+    return {"size": size, "empty_share": empty_share, "seed": seed}
+
+
+def _finished(unit_dir: Path, settings: dict[str, Any]) -> list[dict] | None:
+    """Datalist entries of a finished patient folder, or None if it must be (re)built."""
+    manifest = unit_dir / MANIFEST
+    if not manifest.is_file():
+        return None
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    if doc.get("settings") != settings:
+        raise MSLesionInputError(
+            f"{unit_dir} was built with {doc.get('settings')}, this run asks {settings}; "
+            "pass --overwrite to rebuild, or use another --out"
+        )
+    base = unit_dir.parent.parent
+    if not all((base / e["item"]).is_file() for e in doc["entries"]):
+        return None
+    return doc["entries"]
+
+
+def _build_patient(
+    patient: str, tps: list[TimePoint], root: Path, out: Path, settings: dict[str, Any]
+) -> list[dict]:
+    """Build one patient's items in a temporary folder and rename it into place."""
+    items_dir = out / "items"
+    items_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{patient}.", suffix=".tmp", dir=items_dir))
+    final = items_dir / patient
+    try:
+        entries = []
+        for tp in tps:
+            for name, image, masks, i2i, i2p, meta in _time_point_items(
+                tp, root, settings["size"], settings["empty_share"], settings["seed"]
+            ):
+                save_item(tmp / f"{name}.npz", image, masks, i2i, i2p, meta)
+                entries.append(
+                    {
+                        "item": f"items/{patient}/{name}.npz",
+                        "patient": patient,
+                        "time_point": tp.time_point,
+                        "slice_index": meta["slice_index"],
+                        "lesion": meta["lesion"],
+                        "num_annotations": len(RATERS),
+                        "nonempty_annotations": int(masks.reshape(len(RATERS), -1).any(axis=1).sum()),
+                    }
+                )
+        atomic_write_text(tmp / MANIFEST, json.dumps({"patient": patient, "settings": settings, "entries": entries}, indent=1))
+        if final.exists():  # --overwrite, or an unfinished folder: move aside, then drop
+            old = Path(tempfile.mkdtemp(prefix=f".{patient}.", suffix=".old", dir=items_dir))
+            os.replace(final, old / patient)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return entries
+
+
+def preprocess_ms_lesion(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    size: int = 128,
+    empty_share: float = 0.1,
+    seed: int = 0,
+    split_ratios: Sequence[float] = (0.7, 0.1, 0.2),
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> RunSummary:
+    """Convert the ISBI-2015 training data under ``root`` into items + ``out/datalist.json``.
+
+    Args:
+        root: folder holding ``training/trainingXX/...`` (or the ``training`` folder).
+        out: output folder (``items/<patient>/*.npz``, ``datalist.json``).
+        size: item height = width in pixels.
+        empty_share: lesion-free slices added per time point, as a fraction of its lesion
+            slices (0.1 -> one lesion-free slice per ten lesion slices), >= 0.
+        seed: seeds the lesion-free slice choice and the patient split.
+        split_ratios: (training, validation, test) fractions of PATIENTS.
+        overwrite: rebuild patients that are already finished.
+        log: progress sink.
+
+    Returns:
+        the run's :class:`RunSummary` (also logged).
+
+    Raises:
+        MSLesionInputError: missing/unreadable file, shape/affine mismatch, NaN voxels;
+            patients finished before the error stay valid, the failing one leaves nothing.
+    """
+    root, out = Path(root), Path(out)
+    if size < 8:
+        raise ValueError(f"--size must be >= 8, got {size}")
+    if empty_share < 0:
+        raise ValueError(f"--empty-share must be >= 0 (a fraction of the lesion slices), got {empty_share}")
+    settings = _settings(size, float(empty_share), seed)
+    patients = find_time_points(root)
+    items_dir = out / "items"
+    if items_dir.is_dir():  # leftovers of an interrupted run are never mistaken for finished
+        for stale in items_dir.glob(".*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in items_dir.glob(".*.old"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    todo, done = [], {}
+    for patient in patients:
+        entries = None if overwrite else _finished(items_dir / patient, settings)
+        if entries is None:
+            todo.append(patient)
+        else:
+            done[patient] = entries
+    for patient in todo:  # validate every header first, so a bad file stops the run before any work
+        for tp in patients[patient]:
+            check_headers(tp)
+
+    summary = RunSummary()
+    all_entries: list[dict] = []
+    for n, patient in enumerate(patients, start=1):
+        if patient in done:
+            entries = done[patient]
+            log(f"[{n}/{len(patients)}] {patient}: already done, {len(entries)} items (resume; --overwrite rebuilds)")
+        else:
+            entries = _build_patient(patient, patients[patient], root, out, settings)
+            log(f"[{n}/{len(patients)}] {patient}: {len(entries)} items from {len(patients[patient])} time points")
+        if not entries:
+            summary.skip(patient, "no lesion slice in any time point")
+        all_entries += entries
+        for e in entries:
+            summary.add_item(e["nonempty_annotations"])
+    with_items = sorted({e["patient"] for e in all_entries})
+    summary.patients = len(with_items)
+    splits = split_by_patient(with_items, split_ratios, seed)
+    write_datalist(
+        out,
+        all_entries,
+        splits,
+        name="ms_lesion",
+        synthetic=False,
+        description=(
+            f"ISBI-2015 longitudinal MS-Lesion: axial slices resized to {size}x{size}, channels FLAIR, MPRAGE, PD, T2 "
+            "z-scored over brain voxels, 2 rater masks (mask1, mask2)"
+        ),
+        extra={"task": "ms_lesion", "channels": [m.upper() for m in MODALITIES], "num_annotations": len(RATERS), "settings": settings},
+    )
+    log(f"datalist: {out / 'datalist.json'} ({', '.join(f'{s}: {len(p)} patients' for s, p in splits.items())})")
+    log(summary.render())
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m preprocessing.ms_lesion", description=__doc__.split("\n")[0])
+    p.add_argument("--root", required=True, help="ISBI-2015 folder holding training/trainingXX/...")
+    p.add_argument("--out", required=True, help="output folder (items/ and datalist.json)")
+    p.add_argument("--size", type=int, default=128, help="item size in pixels (default 128)")
+    p.add_argument("--empty-share", type=float, default=0.1, help="lesion-free slices per lesion slice (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the lesion-free slice choice and the split")
+    p.add_argument("--split-ratios", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--overwrite", action="store_true", help="rebuild patients that are already finished")
+    a = p.parse_args(argv)
+    try:
+        preprocess_ms_lesion(a.root, a.out, a.size, a.empty_share, a.seed, a.split_ratios, a.overwrite)
+    except (MSLesionInputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
