@@ -83,7 +83,9 @@ def write_isbi_layout(
         spacing.insert(axial, 2.0)
         for t_idx, tp in enumerate(time_points):
             name = f"{patient}_{tp}"
-            affine = oblique_affine(axial, spacing=spacing, origin=(-31.5 + p_idx, 17.25 - t_idx, -8.0))
+            # alternate the in-plane signs so both row and column flips of the display orientation occur
+            signs = (-1, 1, 1) if p_idx % 2 == 0 else (1, -1, 1)
+            affine = oblique_affine(axial, spacing=spacing, origin=(-31.5 + p_idx, 17.25 - t_idx, -8.0), signs=signs)
             grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in arr_shape], indexing="ij"))
             centre = (np.array(arr_shape) - 1) / 2
             radii = np.array(arr_shape) * 0.38
