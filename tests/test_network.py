@@ -217,6 +217,8 @@ def test_presets_overrides_and_get_preset():
         ({"attention_levels": (False, True, True)}, "attention_levels must have one entry per level"),
         ({"channels": (8, 18)}, r"divisible by norm_num_groups=4, got channels=\(8, 18\)"),
         ({"spatial_dims": 1}, "spatial_dims must be 2 or 3, got 1"),
+        ({"phi_channels": (8, 6)}, r"phi_channels must be .* divisible by norm_num_groups=4, got \(8, 6\)"),
+        ({"in_channels": 0}, "in_channels must be a positive integer, got 0"),
         ({"num_res_blocks": (1, 2, 3)}, r"num_res_blocks must be .* per level \(2\), got \(1, 2, 3\)"),
         ({"num_head_channels": (8, 8, 8)}, r"num_head_channels must be .* per level \(2\), got \(8, 8, 8\)"),
         ({"num_head_channels": 12}, r"channels\[1\]=16 has attention and must be divisible by num_head_channels"),
@@ -245,7 +247,8 @@ def test_forward_errors():
     feats = net.encode_condition(c)
     with pytest.raises(ValueError, match="list F_h of 2 tensors .* got 1"):
         net(x, t, condition_features=feats[:1])
-    with pytest.raises(ValueError, match=r"condition_features\[0\] must have shape \(4, 8, 16, 16\) .* got \(2, 8, 16, 16\)"):
+    wrong_batch = r"condition_features\[0\] must have shape \(4, 8, 16, 16\) .* got \(2, 8, 16, 16\)"
+    with pytest.raises(ValueError, match=wrong_batch):
         net(torch.cat([x, x]), torch.cat([t, t]), condition_features=feats)
     with pytest.raises(ValueError, match="either condition or condition_features, not both"):
         net(x, t, condition=c, condition_features=feats)

@@ -483,7 +483,9 @@ class HSRDiff(nn.Module):
                     f"{name}: channels[{level}]={channels[level]} has attention and must be divisible by "
                     f"num_head_channels[{level}]={num_head_channels[level]}."
                 )
-        phi_channels = tuple(phi_channels) if phi_channels is not None else (channels[0], 2 * channels[0], 4 * channels[0])
+        if phi_channels is None:
+            phi_channels = (channels[0], 2 * channels[0], 4 * channels[0])
+        phi_channels = tuple(int(c) for c in phi_channels)
         if prediction == "srdiff" and (not phi_channels or any(c % norm_num_groups for c in phi_channels)):
             raise ValueError(
                 f"{name}: phi_channels must be a non-empty list of widths divisible by "
