@@ -36,7 +36,8 @@ def main(n: int = 32, a: int = 4, size: int = 128, seed: int = 0) -> None:
     yy, xx = np.mgrid[:size, :size]
     centres = rng.uniform(0.3 * size, 0.7 * size, size=(n + a, 2))
     radii = rng.uniform(0.05 * size, 0.2 * size, size=n + a)
-    masks = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2 < radii[:, None, None] ** 2
+    dist2 = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
+    masks = dist2 < radii[:, None, None] ** 2
     samples, annotations = masks[:n], masks[n:]
 
     rows = {

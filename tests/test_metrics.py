@@ -262,7 +262,10 @@ def test_bad_label_maps_and_num_classes():
 def _batches(seed: int = 0, n_batches: int = 3, b: int = 2, n: int = 6, a: int = 4, size: int = 8):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"pred": torch.rand(b, n, size, size, generator=g) > 0.5, "label": torch.rand(b, a, size, size, generator=g) > 0.6}
+        {
+            "pred": torch.rand(b, n, size, size, generator=g) > 0.5,
+            "label": torch.rand(b, a, size, size, generator=g) > 0.6,
+        }
         for _ in range(n_batches)
     ]
 

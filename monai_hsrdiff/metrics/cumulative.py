@@ -53,7 +53,8 @@ class SampleSetMetric(CumulativeIterationMetric):
         get_not_nans: bool = False,
     ) -> None:
         super().__init__()
-        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        bad_n = isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+        if num_samples is not None and bad_n:
             raise ValueError(f"{type(self).__name__}: num_samples must be a positive int or None, got {num_samples!r}.")
         self.num_classes = num_classes
         self.num_samples = num_samples
@@ -144,7 +145,9 @@ class FusedIoUMetric(SampleSetMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        super().__init__(num_classes=num_classes, num_samples=num_samples, reduction=reduction, get_not_nans=get_not_nans)
+        super().__init__(
+            num_classes=num_classes, num_samples=num_samples, reduction=reduction, get_not_nans=get_not_nans
+        )
         self.tie_is_foreground = tie_is_foreground
 
     def _score(self, samples: torch.Tensor, annotations: torch.Tensor) -> float:

@@ -16,6 +16,8 @@ float64 numpy arrays.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple, Union
@@ -40,6 +42,22 @@ MaskLike = Union[np.ndarray, torch.Tensor]
 
 # float32 matrix products count overlaps exactly while every partial sum stays below 2**24
 _FLOAT32_EXACT = 2**24
+
+
+@functools.cache
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController  # ships with scikit-learn
+    except ImportError:  # pragma: no cover - only without threadpoolctl
+        return None
+    return ThreadpoolController()
+
+
+def _single_thread_blas():
+    """A (36, P) @ (P, 36) product is too small to share: multi-threaded BLAS makes it ~2x slower on an
+    idle machine and 10-100x slower on a busy one (evaluation runs beside data-loader workers)."""
+    controller = _blas_controller()
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
 
 class GEDTerms(NamedTuple):
@@ -114,7 +132,10 @@ def _check_masks(x: MaskLike, name: str, num_classes: int | None) -> np.ndarray:
 
 
 def _check_pair(
-    samples: MaskLike, annotations: MaskLike, num_classes: int | None, names: tuple[str, str] = ("samples", "annotations")
+    samples: MaskLike,
+    annotations: MaskLike,
+    num_classes: int | None,
+    names: tuple[str, str] = ("samples", "annotations"),
 ) -> tuple[np.ndarray, np.ndarray, int | None]:
     m = _check_num_classes(num_classes)
     s = _check_masks(samples, names[0], m)
@@ -146,7 +167,8 @@ def _overlaps(
     dtype = np.float32 if n_pix < _FLOAT32_EXACT else np.float64
     pa = _class_planes(a, num_classes, dtype)
     pb = pa if b is a else _class_planes(b, num_classes, dtype)
-    inter = np.matmul(pa, pb.transpose(0, 2, 1)).astype(np.float64)
+    with _single_thread_blas():
+        inter = np.matmul(pa, pb.transpose(0, 2, 1)).astype(np.float64)
     area_a = pa.sum(-1, dtype=np.float64)
     area_b = area_a if b is a else pb.sum(-1, dtype=np.float64)
     return inter, area_a, area_b
@@ -414,7 +436,9 @@ def sample_set_metrics(
     sizes = [n_all] if num_samples is None else [num_samples] if isinstance(num_samples, int) else list(num_samples)
     for n in sizes:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= n_all:
-            raise ValueError(f"num_samples must be integers in 1..{n_all} (the number of samples); got {num_samples!r}.")
+            raise ValueError(
+                f"num_samples must be integers in 1..{n_all} (the number of samples); got {num_samples!r}."
+            )
     joined = np.concatenate([s, y])
     counts = _overlaps(joined, joined, m)
     iou, dice = _iou_from_counts(*counts), _dice_from_counts(*counts)
