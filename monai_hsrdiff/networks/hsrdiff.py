@@ -326,9 +326,8 @@ class SelfRegulationHead(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        conv = {"spatial_dims": spatial_dims, "kernel_size": 3, "padding": 1, "conv_only": True}
-        self.c1 = Convolution(in_channels=in_channels, out_channels=in_channels, **conv)  # type: ignore[arg-type]
-        self.c2 = Convolution(in_channels=in_channels, out_channels=in_channels, **conv)  # type: ignore[arg-type]
+        self.c1 = Convolution(spatial_dims, in_channels, in_channels, kernel_size=3, padding=1, conv_only=True)
+        self.c2 = Convolution(spatial_dims, in_channels, in_channels, kernel_size=3, padding=1, conv_only=True)
         layers: list[nn.Module] = []
         previous = in_channels
         for width in phi_channels:
