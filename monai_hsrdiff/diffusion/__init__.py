@@ -1,0 +1,22 @@
+"""Diffusion process, samplers and sampling pipeline of HSRDiff (see docs/diffusion.md)."""
+
+from __future__ import annotations
+
+from monai_hsrdiff.diffusion.pipeline import HSRDiffPipeline, SamplingOutput
+from monai_hsrdiff.diffusion.process import DiffusionLossOutput, PMean, SelfRegulatedDiffusion, resolve_kappa
+from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler, SamplerStepOutput
+from monai_hsrdiff.diffusion.schedule import DiffusionSchedule, default_beta_range
+
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "DiffusionLossOutput",
+    "DiffusionSchedule",
+    "HSRDiffPipeline",
+    "PMean",
+    "SamplerStepOutput",
+    "SamplingOutput",
+    "SelfRegulatedDiffusion",
+    "default_beta_range",
+    "resolve_kappa",
+]

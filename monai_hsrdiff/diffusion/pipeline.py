@@ -1,0 +1,155 @@
+"""The sampling loop: N segmentation hypotheses per image, with the condition encoded once.
+
+E_c does not see x_t or t, so :class:`HSRDiffPipeline` runs ``model.encode_condition`` once
+per image and feeds the cached features F_h to every denoising step of every sample
+(``condition_features=``), instead of re-encoding the image T·N times.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from monai_hsrdiff.diffusion.process import randn
+from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler
+
+__all__ = ["HSRDiffPipeline", "SamplingOutput"]
+
+
+@dataclass
+class SamplingOutput:
+    """Samples and the κ trace of one pipeline call.
+
+    Attributes:
+        samples: (B, N, M, *spatial) continuous x_0 samples (≈ [-1, 1]); read a mask by
+            ``samples > 0`` (M=1) or ``samples.argmax(2)`` (M>1).
+        timesteps: (S,) long, the timesteps visited, in order.
+        kappa: (S, B, N) κ used at each step for each sample (CPU float32).
+        kappa_trace: (S,) mean κ per timestep over all B·N samples (the paper's Figure 6).
+    """
+
+    samples: torch.Tensor
+    timesteps: torch.Tensor
+    kappa: torch.Tensor
+    kappa_trace: torch.Tensor
+
+
+class HSRDiffPipeline:
+    """Draw ``num_samples`` label hypotheses per condition image with a DDPM or DDIM sampler.
+
+    Args:
+        model: an HSRDiff network (``monai_hsrdiff.networks.HSRDiff``): ``encode_condition`` and
+            ``forward(x, timesteps, condition_features=...)``, ``out_channels`` = M.
+        sampler: a :class:`DDPMSampler` or :class:`DDIMSampler`.
+
+    Example::
+
+        pipe = HSRDiffPipeline(model, DDIMSampler(process, eta=0.0))
+        out = pipe(images, num_samples=16, num_inference_steps=50,
+                   generator=torch.Generator().manual_seed(0))
+        masks = out.samples > 0        # (B, 16, 1, H, W)
+    """
+
+    def __init__(self, model: nn.Module, sampler: DDPMSampler | DDIMSampler) -> None:
+        self.model = model
+        self.sampler = sampler
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        condition: torch.Tensor,
+        num_samples: int = 1,
+        num_inference_steps: int | None = None,
+        max_batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> SamplingOutput:
+        """Sample.
+
+        Args:
+            condition: (B, C, *spatial) condition images on the model's device.
+            num_samples: N ≥ 1 hypotheses per image, drawn together in one batch (B·N items).
+            num_inference_steps: sampler steps; ``None`` = all T (DDPM accepts only T).
+            max_batch_size: largest number of items the network sees at once; the B·N items are
+                processed in chunks of this size (E_c still runs once per image). ``None``: one chunk.
+            generator: random generator for x_T and every step's noise; a fixed seed (and the
+                same ``max_batch_size``) reproduces every sample.
+            progress: show a tqdm progress bar.
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"HSRDiffPipeline: num_samples must be an integer >= 1, got {num_samples!r}.")
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise ValueError(f"HSRDiffPipeline: max_batch_size must be an integer >= 1 or None, got {max_batch_size!r}.")
+        if condition.ndim < 3:
+            raise ValueError(
+                f"HSRDiffPipeline: condition must be (B, C, *spatial), got shape {tuple(condition.shape)}."
+            )
+        model, sampler = self.model, self.sampler
+        was_training = model.training
+        model.eval()
+        try:
+            return self._sample(condition, num_samples, num_inference_steps, max_batch_size, generator, progress)
+        finally:
+            model.train(was_training)
+
+    def _sample(self, condition, num_samples, num_inference_steps, max_batch_size, generator, progress):
+        model, sampler = self.model, self.sampler
+        b, n = condition.shape[0], num_samples
+        m = int(model.out_channels)
+        spatial = tuple(condition.shape[2:])
+        device = condition.device
+        dtype = condition.dtype if condition.is_floating_point() else torch.float32
+        total = b * n
+        chunk = total if max_batch_size is None else max_batch_size
+
+        # 1. E_c once per image (in chunks of at most max_batch_size images)
+        feats: list[torch.Tensor] | None = None
+        if getattr(model, "condition", "hierarchical") != "none":
+            parts = [model.encode_condition(condition[i : i + chunk]) for i in range(0, b, chunk)]
+            if parts[0] is not None:
+                feats = [torch.cat(level, dim=0) for level in zip(*parts)]
+        # sample k of the flat B·N batch belongs to image k // N
+        owner = torch.arange(total, device=device) // n
+
+        sampler.set_timesteps(num_inference_steps, device=device)
+        timesteps = sampler.timesteps
+        s = len(timesteps)
+        kappa = torch.empty(s, total, dtype=torch.float32, device=device)
+        # x_T for all B·N items up front, so chunking does not change which noise each sample starts from
+        samples = randn((total, m, *spatial), generator, device, dtype)
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=s * math.ceil(total / chunk), desc=f"{type(sampler).__name__}", unit="step")
+        try:
+            # 2. chunks of the flat B·N batch, each denoised from x_T to x_0
+            for start in range(0, total, chunk):
+                stop = min(start + chunk, total)
+                idx = owner[start:stop]
+                chunk_feats = [f[idx] for f in feats] if feats is not None else None
+                x = samples[start:stop]
+                for i, t in enumerate(timesteps):
+                    t_batch = torch.full((stop - start,), int(t), dtype=torch.long, device=device)
+                    out = model(x, t_batch, condition=None, condition_features=chunk_feats)
+                    step = sampler.step(out, int(t), x, generator=generator)
+                    x = step.prev_sample
+                    kappa[i, start:stop] = step.kappa.detach().float()
+                    if bar is not None:
+                        bar.update(1)
+                samples[start:stop] = x
+        finally:
+            if bar is not None:
+                bar.close()
+
+        kappa = kappa.reshape(s, b, n).cpu()
+        return SamplingOutput(
+            samples=samples.reshape(b, n, m, *spatial),
+            timesteps=timesteps.detach().cpu(),
+            kappa=kappa,
+            kappa_trace=kappa.mean(dim=(1, 2)),
+        )

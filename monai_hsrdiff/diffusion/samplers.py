@@ -1,0 +1,234 @@
+"""Reverse-process samplers: ancestral DDPM (the paper's Algorithm 2) and strided DDIM.
+
+Like diffusers' schedulers, a sampler holds the schedule and a ``step``; it never calls the
+network (the loop lives in :mod:`monai_hsrdiff.diffusion.pipeline`). Call ``set_timesteps``
+first, then ``step(model_output, t, x_t)`` for each ``t`` in ``sampler.timesteps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from monai_hsrdiff.diffusion.process import ModelOutput, SelfRegulatedDiffusion, randn
+
+__all__ = ["DDIMSampler", "DDPMSampler", "SamplerStepOutput"]
+
+
+@dataclass
+class SamplerStepOutput:
+    """Result of one reverse step.
+
+    Attributes:
+        prev_sample: (B, M, *spatial) x_{t_prev}, the input of the next step.
+        pred_original_sample: (B, M, *spatial) the fused x0 estimate x̂0 at this step (DDIM),
+            or ``None`` (DDPM works on means).
+        kappa: (B,) κ used at this step (for the paper's Figure 6 trace).
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None
+    kappa: torch.Tensor
+
+
+class _Sampler:
+    def __init__(self, process: SelfRegulatedDiffusion | None = None) -> None:
+        self.process = process if process is not None else SelfRegulatedDiffusion()
+        self.schedule = self.process.schedule
+        self.num_train_timesteps = self.schedule.num_train_timesteps
+        self.timesteps: torch.Tensor | None = None
+        self.num_inference_steps: int | None = None
+
+    def _require_timesteps(self) -> torch.Tensor:
+        if self.timesteps is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: the number of inference steps is not set; call "
+                f"`set_timesteps(num_inference_steps)` before `step`."
+            )
+        return self.timesteps
+
+    def _noise(
+        self, sample: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        if noise is None:
+            return randn(sample.shape, generator, sample.device, sample.dtype)
+        if noise.shape != sample.shape:
+            raise ValueError(
+                f"{type(self).__name__}.step: noise shape {tuple(noise.shape)} must equal sample shape {tuple(sample.shape)}."
+            )
+        return noise.to(device=sample.device, dtype=sample.dtype)
+
+    def _check_t(self, timestep: int | torch.Tensor) -> int:
+        timesteps = self._require_timesteps()
+        t = int(self.schedule.check_timesteps(torch.as_tensor(timestep).reshape(-1)[:1], "timestep")[0])
+        if not bool((timesteps == t).any()):
+            raise ValueError(
+                f"{type(self).__name__}.step: timestep {t} is not one of the {len(timesteps)} timesteps set by "
+                "`set_timesteps`; iterate over `sampler.timesteps`."
+            )
+        return t
+
+
+class DDPMSampler(_Sampler):
+    """Ancestral sampling of the paper's Algorithm 2: x_{t-1} = μ_θ + σ_t z, z = 0 at the last step.
+
+    μ_θ = κ·μ_x + (1-κ)·μ_eps (Eq. 8, see :meth:`SelfRegulatedDiffusion.p_mean`).
+
+    Args:
+        process: the diffusion process (schedule, dual weight, clipping).
+        variance: σ_t² choice. ``"posterior"`` (default): β̃_t = β_t(1-ᾱ_{t-1})/(1-ᾱ_t), the
+            exact posterior variance, i.e. the lower bound of Ho et al. 2020, and the variance the
+            paper's training target μ̃ belongs to. ``"beta"``: σ_t² = β_t (the upper bound).
+        clip_x0: clamp x_θ to [-1, 1] inside μ_x; ``None`` uses ``process.clip_x0``.
+
+    Example::
+
+        sampler = DDPMSampler(process)
+        sampler.set_timesteps()
+        for t in sampler.timesteps:
+            x = sampler.step(model(x, t.repeat(b), condition_features=f), t, x, generator=g).prev_sample
+    """
+
+    def __init__(
+        self,
+        process: SelfRegulatedDiffusion | None = None,
+        variance: Literal["posterior", "beta"] = "posterior",
+        clip_x0: bool | None = None,
+    ) -> None:
+        super().__init__(process)
+        if variance not in ("posterior", "beta"):
+            raise ValueError(f"DDPMSampler: variance must be 'posterior' or 'beta', got {variance!r}.")
+        self.variance = variance
+        self.clip_x0 = self.process.clip_x0 if clip_x0 is None else bool(clip_x0)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: torch.device | str | None = None) -> None:
+        """Use every training step T-1, ..., 0 (ancestral DDPM cannot skip steps; use :class:`DDIMSampler`)."""
+        if num_inference_steps is not None and num_inference_steps != self.num_train_timesteps:
+            raise ValueError(
+                f"DDPMSampler: ancestral sampling runs all T={self.num_train_timesteps} steps, got "
+                f"num_inference_steps={num_inference_steps}; use DDIMSampler for fewer steps."
+            )
+        self.num_inference_steps = self.num_train_timesteps
+        self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1, device=device)
+
+    def step(
+        self,
+        model_output: ModelOutput,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> SamplerStepOutput:
+        """One ancestral step x_t → x_{t-1}.
+
+        Args:
+            model_output: network output at (x_t, t): eps/x0 (B, M, *spatial), kappa (B,) or ``None``.
+            timestep: t, an entry of ``self.timesteps``.
+            sample: (B, M, *spatial) x_t.
+            generator: random generator for z.
+            noise: explicit z (same shape as ``sample``) instead of drawing one.
+        """
+        t = self._check_t(timestep)
+        t_batch = torch.full((sample.shape[0],), t, dtype=torch.long, device=sample.device)
+        # 1. μ_θ (Eq. 8)
+        mean, kappa = self.process.p_mean(model_output, sample, t_batch, clip_x0=self.clip_x0)
+        if t == 0:
+            # 2. the last step returns the mean (z = 0)
+            return SamplerStepOutput(mean, None, kappa)
+        # 2. σ_t z
+        table = "posterior_variance" if self.variance == "posterior" else "betas"
+        sigma = self.schedule.extract(table, t_batch, sample).sqrt()
+        return SamplerStepOutput(mean + sigma * self._noise(sample, noise, generator), None, kappa)
+
+
+class DDIMSampler(_Sampler):
+    """Strided DDIM sampling (Song et al. 2021) of the self-regulated model, any number of steps.
+
+    The fused estimate x̂0 = κ·x_θ + (1-κ)·x0(ε_θ), x0(ε_θ) = (x_t - sqrt(1-ᾱ_t) ε_θ)/sqrt(ᾱ_t),
+    replaces DDIM's x0 prediction and ε̂ = (x_t - sqrt(ᾱ_t) x̂0)/sqrt(1-ᾱ_t) its direction;
+    since μ̃(x̂0, x_t) is the Eq. 8 mean, ``eta=1`` over all T steps reproduces
+    :class:`DDPMSampler` with the posterior variance exactly.
+
+    Args:
+        process: the diffusion process (schedule, dual weight, clipping).
+        eta: η of DDIM Eq. 16; 0 gives the deterministic sampler, 1 the DDPM-like one.
+        timestep_spacing: ``"trailing"`` (default; starts at t=T-1, the step closest to pure
+            noise) or ``"leading"`` (guided-diffusion's ``ddimN``: 0, T/S, 2T/S, ...).
+        clip_x0: clamp the fused x̂0 to [-1, 1]; ``None`` uses ``process.clip_x0``.
+
+    Example::
+
+        sampler = DDIMSampler(process, eta=0.0)
+        sampler.set_timesteps(50)
+    """
+
+    def __init__(
+        self,
+        process: SelfRegulatedDiffusion | None = None,
+        eta: float = 0.0,
+        timestep_spacing: Literal["trailing", "leading"] = "trailing",
+        clip_x0: bool | None = None,
+    ) -> None:
+        super().__init__(process)
+        if eta < 0:
+            raise ValueError(f"DDIMSampler: eta must be >= 0, got {eta!r}.")
+        if timestep_spacing not in ("trailing", "leading"):
+            raise ValueError(f"DDIMSampler: timestep_spacing must be 'trailing' or 'leading', got {timestep_spacing!r}.")
+        self.eta = float(eta)
+        self.timestep_spacing = timestep_spacing
+        self.clip_x0 = self.process.clip_x0 if clip_x0 is None else bool(clip_x0)
+        self._prev: dict[int, int] = {}
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: torch.device | str | None = None) -> None:
+        """Choose S = ``num_inference_steps`` timesteps (descending); ``None`` means all T."""
+        big_t = self.num_train_timesteps
+        s = big_t if num_inference_steps is None else num_inference_steps
+        if not isinstance(s, int) or not 1 <= s <= big_t:
+            raise ValueError(f"DDIMSampler: num_inference_steps must be an integer in [1, {big_t}], got {s!r}.")
+        if self.timestep_spacing == "trailing":
+            # round(T - k·T/S) - 1 for k = 0..S-1: T-1 first
+            steps = [round(big_t - k * big_t / s) - 1 for k in range(s)]
+        else:
+            steps = [k * (big_t // s) for k in range(s)][::-1]
+        self.timesteps = torch.tensor(steps, dtype=torch.long, device=device)
+        self.num_inference_steps = s
+        self._prev = {steps[i]: (steps[i + 1] if i + 1 < s else -1) for i in range(s)}
+
+    def previous_timestep(self, timestep: int) -> int:
+        """The timestep after ``timestep`` in the sequence; -1 (ᾱ = 1, clean) after the last."""
+        self._require_timesteps()
+        return self._prev[int(timestep)]
+
+    def step(
+        self,
+        model_output: ModelOutput,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> SamplerStepOutput:
+        """One DDIM step x_t → x_{t_prev} (DDIM Eq. 12 with σ from Eq. 16).
+
+        Symbols: ``a_t`` = ᾱ_t, ``a_prev`` = ᾱ_{t_prev} (1 after the last step), ``x0_hat`` = x̂0,
+        ``eps_hat`` = ε̂. Arguments as in :meth:`DDPMSampler.step`.
+        """
+        t = self._check_t(timestep)
+        t_prev = self._prev[t]
+        b = sample.shape[0]
+        t_batch = torch.full((b,), t, dtype=torch.long, device=sample.device)
+        acp = self.schedule.alphas_cumprod
+        a_t = float(acp[t])
+        a_prev = float(acp[t_prev]) if t_prev >= 0 else 1.0
+        # 1. fused x0 estimate and the ε it implies
+        x0_hat, kappa = self.process.fused_x0(model_output, sample, t_batch, clip_x0=self.clip_x0)
+        eps_hat = (sample - a_t**0.5 * x0_hat) / (1.0 - a_t) ** 0.5
+        # 2. σ_t(η) = η sqrt((1-ᾱ_prev)/(1-ᾱ_t)) sqrt(1-ᾱ_t/ᾱ_prev)  (DDIM Eq. 16)
+        sigma = self.eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)) ** 0.5
+        # 3. x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1-ᾱ_prev-σ²) ε̂ + σ z  (DDIM Eq. 12)
+        direction = max(1.0 - a_prev - sigma**2, 0.0) ** 0.5
+        prev = a_prev**0.5 * x0_hat + direction * eps_hat
+        if sigma > 0:
+            prev = prev + sigma * self._noise(sample, noise, generator)
+        return SamplerStepOutput(prev, x0_hat, kappa)

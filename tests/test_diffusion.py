@@ -1,0 +1,460 @@
+"""Closed-form tests of the HSRDiff diffusion process, samplers and sampling pipeline.
+
+Reference values are computed independently: β from ``numpy.linspace`` in float64, ᾱ as a
+float64 product, the posterior from Bayes' rule on two Gaussians.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_hsrdiff.diffusion import (
+    DDIMSampler,
+    DDPMSampler,
+    DiffusionSchedule,
+    HSRDiffPipeline,
+    SelfRegulatedDiffusion,
+    default_beta_range,
+)
+from monai_hsrdiff.networks import HSRDiff
+
+T = 250
+REF_BETAS = np.linspace(4e-4, 0.08, T)  # 1000/T · (1e-4, 0.02)
+REF_ACP = np.cumprod(1.0 - REF_BETAS)
+
+
+def ref_acp(t: int) -> float:
+    """ᾱ_t with ᾱ_{-1} = 1 (0-based t)."""
+    return 1.0 if t < 0 else float(np.prod(1.0 - REF_BETAS[: t + 1]))
+
+
+def tiny_net(prediction: str = "srdiff", out_channels: int = 1, condition: str = "hierarchical") -> HSRDiff:
+    torch.manual_seed(0)
+    return HSRDiff(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=out_channels,
+        channels=(8, 16),
+        attention_levels=(False, False),
+        norm_num_groups=4,
+        num_head_channels=8,
+        num_res_blocks=1,
+        prediction=prediction,
+        condition=condition,
+    )
+
+
+@dataclass
+class Out:
+    eps: torch.Tensor | None
+    x0: torch.Tensor | None
+    kappa: torch.Tensor | None
+
+
+class Oracle(nn.Module):
+    """Returns the true ε and x0 of ``training_losses`` (given explicitly), and a fixed κ."""
+
+    out_channels = 1
+
+    def __init__(self, x0: torch.Tensor, noise: torch.Tensor, kappa: float = 0.7) -> None:
+        super().__init__()
+        self.x0, self.noise, self.kappa = x0, noise, kappa
+
+    def forward(self, x, timesteps, condition=None, condition_features=None):
+        return Out(self.noise.clone(), self.x0.clone(), torch.full((x.shape[0],), self.kappa, dtype=x.dtype))
+
+
+@pytest.fixture(scope="module")
+def process() -> SelfRegulatedDiffusion:
+    return SelfRegulatedDiffusion(DiffusionSchedule(T))
+
+
+# ---- schedule ------------------------------------------------------------------------------
+
+
+def test_schedule_beta_range_and_alpha_bar(process):
+    s = process.schedule
+    assert default_beta_range(1000) == pytest.approx((1e-4, 0.02))
+    assert s.betas.dtype == torch.float64 and s.betas.shape == (T,)
+    np.testing.assert_allclose(s.betas.numpy(), REF_BETAS, rtol=1e-6)  # MONAI's β are float32-rounded
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), REF_ACP, rtol=1e-5)
+    assert s.alphas_cumprod_prev[0].item() == 1.0
+    # ᾱ_T close to pure noise with the scaled range (it would be ≈0.08 with MONAI's 1e-4..0.02)
+    assert s.alphas_cumprod[-1].item() == pytest.approx(ref_acp(T - 1), rel=1e-5)
+    assert s.alphas_cumprod[-1].item() < 1e-4
+    unscaled = DiffusionSchedule(T, beta_start=1e-4, beta_end=0.02)
+    assert 0.05 < unscaled.alphas_cumprod[-1].item() < 0.1
+
+
+def test_schedule_bad_arguments():
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        DiffusionSchedule(1)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        DiffusionSchedule(10)  # 1000/10 · 0.02 = 2 > 1
+    with pytest.raises(ValueError, match="linear schedules"):
+        DiffusionSchedule(T, schedule="cosine", beta_start=0.1)
+
+
+def test_extract_casts_to_input_dtype_and_checks_range(process):
+    x32 = torch.zeros(2, 1, 4, 4)
+    v = process.schedule.extract("betas", torch.tensor([0, T - 1]), x32)
+    assert v.dtype == torch.float32 and v.shape == (2, 1, 1, 1)
+    assert v[1].item() == pytest.approx(0.08, rel=1e-6)
+    for bad in (torch.tensor([T]), torch.tensor([-1])):
+        with pytest.raises(ValueError, match=r"\{0\.\.249\}"):
+            process.schedule.extract("betas", bad, x32)
+
+
+# ---- forward process and posterior ---------------------------------------------------------
+
+
+def test_q_sample_moments(process):
+    x0 = torch.tensor([-1.0, 1.0, 0.5, -0.25], dtype=torch.float64).reshape(1, 1, 2, 2)
+    n, t = 40000, 60
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)
+    xt = process.q_sample(x0.expand(n, -1, -1, -1), torch.full((n,), t), noise)
+    a = ref_acp(t)
+    mean, var = xt.mean(0), xt.var(0)
+    tol = 4 * np.sqrt((1 - a) / n)  # 4 standard errors of the mean
+    np.testing.assert_allclose(mean.numpy(), np.sqrt(a) * x0[0].numpy(), atol=tol)
+    np.testing.assert_allclose(var.numpy(), np.full((1, 2, 2), 1 - a), rtol=0.03)
+
+
+@pytest.mark.parametrize("t", [1, 2, 17, 120, 249])
+def test_posterior_matches_bayes_rule(process, t):
+    # p(x_{t-1}|x0) = N(sqrt(ᾱ_{t-1}) x0, 1-ᾱ_{t-1}),  p(x_t|x_{t-1}) = N(sqrt(α_t) x_{t-1}, β_t)
+    beta, a_prev = float(REF_BETAS[t]), ref_acp(t - 1)
+    prior_mean_coef, prior_var = np.sqrt(a_prev), 1.0 - a_prev
+    var = 1.0 / (1.0 / prior_var + (1.0 - beta) / beta)
+    x0_coef = var * prior_mean_coef / prior_var
+    xt_coef = var * np.sqrt(1.0 - beta) / beta
+    g = torch.Generator().manual_seed(t)
+    x0 = torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    xt = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    mean, variance, log_variance = process.q_posterior_mean_variance(x0, xt, torch.full((3,), t))
+    torch.testing.assert_close(mean, x0_coef * x0 + xt_coef * xt, rtol=1e-5, atol=1e-7)
+    assert variance.flatten()[0].item() == pytest.approx(var, rel=1e-5)
+    assert log_variance.flatten()[0].item() == pytest.approx(np.log(var), rel=1e-5)
+
+
+def test_posterior_at_t0_is_x0(process):
+    x0 = torch.tensor([[[[-1.0, 1.0]]]], dtype=torch.float64)
+    xt = torch.tensor([[[[0.3, -2.0]]]], dtype=torch.float64)
+    mean, variance, log_variance = process.q_posterior_mean_variance(x0, xt, torch.tensor([0]))
+    torch.testing.assert_close(mean, x0)
+    assert variance.item() == 0.0
+    # clipped: β̃_0 replaced by β̃_1
+    beta1, a0 = float(REF_BETAS[1]), ref_acp(0)
+    assert log_variance.item() == pytest.approx(np.log(beta1 * (1 - a0) / (1 - ref_acp(1))), rel=1e-5)
+
+
+@pytest.mark.parametrize("t", [0, 5, 100, 249])
+def test_modes_with_true_values_give_posterior_mean(process, t):
+    g = torch.Generator().manual_seed(10 + t)
+    x0 = torch.randint(0, 2, (2, 1, 4, 4), generator=g).double() * 2 - 1
+    eps = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    tt = torch.full((2,), t)
+    xt = process.q_sample(x0, tt, eps)
+    mu_true = process.q_posterior_mean_variance(x0, xt, tt)[0]
+    torch.testing.assert_close(process.mu_from_eps(xt, tt, eps), mu_true, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(process.mu_from_x0(xt, tt, x0), mu_true, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(process.predict_x0_from_eps(xt, tt, eps), x0, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(process.predict_eps_from_x0(xt, tt, x0), eps, rtol=1e-7, atol=1e-7)
+    # μ_eps from its printed formula (paper Eq. 13), with independent coefficients
+    beta, a = float(REF_BETAS[t]), ref_acp(t)
+    mu_eps_ref = (xt - beta / np.sqrt(1 - a) * eps) / np.sqrt(1 - beta)
+    torch.testing.assert_close(process.mu_from_eps(xt, tt, eps), mu_eps_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kappa_mixing_reduces_to_each_mode(process):
+    g = torch.Generator().manual_seed(3)
+    xt = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    x0 = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) * 3  # beyond [-1, 1] on purpose
+    tt = torch.tensor([40, 200])
+    mu_eps, mu_x = process.mu_from_eps(xt, tt, eps), process.mu_from_x0(xt, tt, x0)
+    assert (mu_eps - mu_x).abs().max() > 1e-2  # the two modes differ, so the checks below can fail
+
+    def kap(*v):
+        return torch.tensor(v, dtype=torch.float64)
+
+    torch.testing.assert_close(process.p_mean(Out(eps, x0, kap(1, 1)), xt, tt).mean, mu_x)
+    torch.testing.assert_close(process.p_mean(Out(eps, x0, kap(0, 0)), xt, tt).mean, mu_eps)
+    mixed = process.p_mean(Out(eps, x0, kap(0.25, 0.9)), xt, tt)
+    k = kap(0.25, 0.9).reshape(2, 1, 1, 1)
+    torch.testing.assert_close(mixed.mean, k * mu_x + (1 - k) * mu_eps)  # Eq. 8: κ on μ_x
+    # ablations: dual → fixed weight, eps-only → κ=0, x0-only → κ=1
+    dual = SelfRegulatedDiffusion(process.schedule, dual_weight=0.3).p_mean(Out(eps, x0, None), xt, tt)
+    torch.testing.assert_close(dual.mean, 0.3 * mu_x + 0.7 * mu_eps)
+    assert dual.kappa.tolist() == [0.3, 0.3]
+    eps_only = process.p_mean(Out(eps, None, None), xt, tt)
+    torch.testing.assert_close(eps_only.mean, mu_eps)
+    assert eps_only.kappa.tolist() == [0.0, 0.0]
+    torch.testing.assert_close(process.p_mean(Out(None, x0, None), xt, tt).mean, mu_x)
+    # clipping applies to x_θ inside μ_x only
+    clipped = process.p_mean(Out(eps, x0, kap(0.5, 0.5)), xt, tt, clip_x0=True).mean
+    torch.testing.assert_close(clipped, 0.5 * process.mu_from_x0(xt, tt, x0.clamp(-1, 1)) + 0.5 * mu_eps)
+
+
+# ---- loss ----------------------------------------------------------------------------------
+
+
+def test_oracle_model_has_zero_loss(process):
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randint(0, 2, (4, 1, 8, 8), generator=g).double() * 2 - 1
+    noise = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    terms = process.training_losses(Oracle(x0, noise), x0, None, t=torch.tensor([0, 3, 100, 249]), noise=noise)
+    for name in ("loss", "loss_x0", "loss_eps", "loss_u"):
+        assert abs(getattr(terms, name).item()) < 1e-20, name
+    assert terms.kappa.item() == pytest.approx(0.7)
+
+
+def test_loss_terms_by_hand(process):
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randint(0, 2, (2, 1, 4, 4), generator=g).double() * 2 - 1
+    noise = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    zeros = torch.zeros_like(x0)
+    t = [7, 180]
+    kappa = 0.4
+    terms = process.training_losses(Oracle(zeros, zeros, kappa), x0, None, t=torch.tensor(t), noise=noise)
+    assert terms.loss_x0.item() == pytest.approx(1.0)  # labels are ±1, x_θ = 0
+    assert terms.loss_eps.item() == pytest.approx(noise.pow(2).mean().item())
+    # μ̃ - μ_θ with ε_θ = x_θ = 0: μ_x = c_xt x_t, μ_eps = x_t/sqrt(1-β)
+    per_item, per_item_eps = [], []
+    for i, ti in enumerate(t):
+        beta, a, a_prev = float(REF_BETAS[ti]), ref_acp(ti), ref_acp(ti - 1)
+        xt = np.sqrt(a) * x0[i].numpy() + np.sqrt(1 - a) * noise[i].numpy()
+        c_x0 = np.sqrt(a_prev) * beta / (1 - a)
+        c_xt = np.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
+        mu_true = c_x0 * x0[i].numpy() + c_xt * xt
+        mu_theta = kappa * c_xt * xt + (1 - kappa) * xt / np.sqrt(1 - beta)
+        per_item.append(np.mean((mu_true - mu_theta) ** 2))
+        per_item_eps.append(per_item[-1] / (beta / (np.sqrt(1 - a) * np.sqrt(1 - beta))) ** 2)
+    assert terms.loss_u.item() == pytest.approx(np.mean(per_item), rel=1e-5)
+    assert terms.loss.item() == pytest.approx(1.0 + noise.pow(2).mean().item() + np.mean(per_item), rel=1e-6)
+    eps_space = SelfRegulatedDiffusion(process.schedule, unification_weighting="eps", lambda_u=2.0, lambda_d=0.5)
+    terms_eps = eps_space.training_losses(Oracle(zeros, zeros, kappa), x0, None, t=torch.tensor(t), noise=noise)
+    assert terms_eps.loss_u.item() == pytest.approx(np.mean(per_item_eps), rel=1e-5)
+    assert terms_eps.loss.item() == pytest.approx(
+        0.5 * (1.0 + noise.pow(2).mean().item()) + 2.0 * np.mean(per_item_eps), rel=1e-6
+    )
+
+
+def test_unification_default_on_only_for_srdiff(process):
+    x0 = torch.ones(2, 1, 16, 16)
+    c = torch.zeros(2, 1, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    assert process.training_losses(tiny_net("srdiff"), x0, c, generator=g).loss_u is not None
+    for mode in ("dual", "eps", "x0"):
+        terms = process.training_losses(tiny_net(mode), x0, c, generator=g)
+        assert terms.loss_u is None and terms.kappa is None, mode
+        assert (terms.loss_eps is None) == (mode == "x0") and (terms.loss_x0 is None) == (mode == "eps")
+    forced = SelfRegulatedDiffusion(process.schedule, unification=True)
+    assert forced.training_losses(tiny_net("dual"), x0, c, generator=g).loss_u is not None
+
+
+def test_training_losses_draws_reproducible_timesteps(process):
+    net = tiny_net()
+    x0 = -torch.ones(16, 1, 16, 16)
+    c = torch.zeros(16, 1, 16, 16)
+    a = process.training_losses(net, x0, c, generator=torch.Generator().manual_seed(7))
+    b = process.training_losses(net, x0, c, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.t, b.t) and a.loss.item() == b.loss.item()
+    assert a.t.min() >= 0 and a.t.max() < T and len(set(a.t.tolist())) > 8
+
+
+def test_training_losses_bad_input(process):
+    net = tiny_net()
+    c = torch.zeros(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="out_channels=1"):
+        process.training_losses(net, torch.ones(2, 2, 16, 16), c)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        process.training_losses(net, torch.ones(2, 1, 16, 16) * 2, c)
+    with pytest.raises(ValueError, match="t must lie"):
+        process.training_losses(net, torch.ones(2, 1, 16, 16), c, t=torch.tensor([0, T]))
+    with pytest.raises(ValueError, match="batch"):
+        process.training_losses(net, torch.ones(2, 1, 16, 16), torch.zeros(3, 1, 16, 16))
+    with pytest.raises(ValueError, match="dual_weight"):
+        SelfRegulatedDiffusion(dual_weight=1.5)
+    with pytest.raises(ValueError, match="unification_weighting"):
+        SelfRegulatedDiffusion(unification_weighting="snr")
+
+
+# ---- samplers ------------------------------------------------------------------------------
+
+
+def test_timestep_spacing_and_call_order(process):
+    ddim = DDIMSampler(process)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        ddim.step(Out(torch.zeros(1, 1, 2, 2), None, None), 249, torch.zeros(1, 1, 2, 2))
+    ddim.set_timesteps(5)
+    assert ddim.timesteps.tolist() == [249, 199, 149, 99, 49]
+    assert [ddim.previous_timestep(t) for t in (249, 49)] == [199, -1]
+    with pytest.raises(ValueError, match="not one of"):
+        ddim.step(Out(torch.zeros(1, 1, 2, 2), None, None), 248, torch.zeros(1, 1, 2, 2))
+    leading = DDIMSampler(process, timestep_spacing="leading")
+    leading.set_timesteps(5)
+    assert leading.timesteps.tolist() == [200, 150, 100, 50, 0]
+    ddim.set_timesteps()
+    assert ddim.timesteps.tolist() == list(range(T - 1, -1, -1))
+    for bad in (0, T + 1):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            ddim.set_timesteps(bad)
+    ddpm = DDPMSampler(process)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        ddpm.step(Out(torch.zeros(1, 1, 2, 2), None, None), 0, torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="DDIMSampler"):
+        ddpm.set_timesteps(50)
+
+
+class SmoothDenoiser(nn.Module):
+    """A small fixed network obeying the HSRDiff output contract (eps, x0, κ depend on x_t and t).
+
+    Cheap in float64, so the 3 × 250-step sampler comparison below stays fast; the samplers are
+    what is under test, not the network.
+    """
+
+    out_channels = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.eps_conv = nn.Conv2d(2, 1, 3, padding=1).double()
+        self.x0_conv = nn.Conv2d(2, 1, 3, padding=1).double()
+
+    def forward(self, x, timesteps, condition=None, condition_features=None):
+        h = torch.cat([x, condition_features[0]], 1)
+        tt = (timesteps.double() / T).reshape(-1, 1, 1, 1)
+        eps = self.eps_conv(h) * (1 + tt)
+        x0 = torch.tanh(self.x0_conv(h) - tt)
+        kappa = torch.sigmoid(x.mean(dim=(1, 2, 3)) + 4 * timesteps.double() / T - 2)
+        return Out(eps, x0, kappa)
+
+
+def _run(sampler, net, feats, x, noises):
+    sampler.set_timesteps()
+    for i, t in enumerate(sampler.timesteps.tolist()):
+        out = net(x, torch.full((x.shape[0],), t), condition_features=feats)
+        x = sampler.step(out, t, x, noise=noises[i]).prev_sample
+    return x
+
+
+def test_ddim_eta1_all_steps_equals_ddpm_posterior(process):
+    net = SmoothDenoiser()
+    g = torch.Generator().manual_seed(11)
+    feats = [torch.randn(2, 1, 16, 16, generator=g, dtype=torch.float64)]
+    x_T = torch.randn(2, 1, 16, 16, generator=g, dtype=torch.float64)
+    noises = torch.randn(T, 2, 1, 16, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        ddpm = _run(DDPMSampler(process, variance="posterior"), net, feats, x_T, noises)
+        ddim = _run(DDIMSampler(process, eta=1.0), net, feats, x_T, noises)
+        ddpm_beta = _run(DDPMSampler(process, variance="beta"), net, feats, x_T, noises)
+    assert ddpm.abs().max() > 0.1
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
+    assert (ddpm_beta - ddpm).abs().max() > 1e-3  # the two variance choices do differ
+
+
+def test_ddim_eta0_is_deterministic_given_x_T(process):
+    net = tiny_net().eval()
+    c = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    sampler = DDIMSampler(process, eta=0.0)
+    sampler.set_timesteps(10)
+    results = []
+    with torch.no_grad():
+        feats = net.encode_condition(c)
+        for seed in (2, 3):
+            g, x = torch.Generator().manual_seed(seed), x_T
+            for t in sampler.timesteps.tolist():
+                x = sampler.step(net(x, torch.full((2,), t), condition_features=feats), t, x, generator=g).prev_sample
+            results.append(x)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("sampler_cls", [DDPMSampler, DDIMSampler])
+def test_perfect_x0_model_is_recovered(process, sampler_cls):
+    # with x_θ ≡ x0 (x0-only model), both samplers end exactly at x0 (ᾱ_prev = 1 at the last step)
+    target = torch.tensor([[[[-1.0, 1.0], [1.0, -1.0]]]], dtype=torch.float64)
+    sampler = sampler_cls(process)
+    sampler.set_timesteps(T if sampler_cls is DDPMSampler else 7)
+    x = torch.randn(1, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for t in sampler.timesteps.tolist():
+        x = sampler.step(Out(None, target, None), t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+    torch.testing.assert_close(x, target, rtol=0, atol=1e-12)
+
+
+def test_samplers_keep_input_dtype(process):
+    sampler = DDIMSampler(process, eta=1.0)
+    sampler.set_timesteps(4)
+    x = torch.randn(1, 1, 2, 2)
+    step = sampler.step(Out(torch.zeros_like(x), x, torch.tensor([0.5])), 249, x)
+    assert step.prev_sample.dtype == torch.float32 and step.pred_original_sample.dtype == torch.float32
+
+
+# ---- pipeline ------------------------------------------------------------------------------
+
+
+def test_pipeline_encodes_each_image_once_and_shapes(process):
+    net = tiny_net()
+    calls: list[int] = []
+    net.condition_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    c = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    pipe = HSRDiffPipeline(net, DDIMSampler(process, eta=0.0))
+    out = pipe(c, num_samples=4, num_inference_steps=5, generator=torch.Generator().manual_seed(0))
+    assert calls == [3]  # once for the 3 images, not per step or per sample
+    assert out.samples.shape == (3, 4, 1, 16, 16)
+    assert out.kappa.shape == (5, 3, 4) and out.timesteps.tolist() == [249, 199, 149, 99, 49]
+    torch.testing.assert_close(out.kappa_trace, out.kappa.mean(dim=(1, 2)))
+    assert ((out.kappa > 0) & (out.kappa < 1)).all()
+    assert net.training  # the pipeline restores the mode
+
+    # chunked: each image still encoded once; with eta=0 and x_T drawn up front, same samples
+    calls.clear()
+    chunked = pipe(c, num_samples=4, num_inference_steps=5, max_batch_size=5, generator=torch.Generator().manual_seed(0))
+    assert calls == [3]
+    torch.testing.assert_close(chunked.samples, out.samples, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    pipe(c, num_samples=4, num_inference_steps=5, max_batch_size=2, generator=torch.Generator().manual_seed(0))
+    assert calls == [2, 1]
+
+
+def test_pipeline_seed_reproduces_samples(process):
+    net = tiny_net()
+    c = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    pipe = HSRDiffPipeline(net, DDIMSampler(process, eta=1.0))
+    a = pipe(c, num_samples=3, num_inference_steps=4, generator=torch.Generator().manual_seed(5))
+    b = pipe(c, num_samples=3, num_inference_steps=4, generator=torch.Generator().manual_seed(5))
+    d = pipe(c, num_samples=3, num_inference_steps=4, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.samples, b.samples)
+    assert not torch.allclose(a.samples, d.samples)
+    assert not torch.allclose(a.samples[:, 0], a.samples[:, 1])  # the N samples of one image differ
+
+
+def test_pipeline_multiclass_and_ablations(process):
+    c = torch.randn(2, 1, 16, 16)
+    x0 = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 16, 16)), 3).permute(0, 3, 1, 2).float() * 2 - 1
+    net = tiny_net(out_channels=3)
+    terms = process.training_losses(net, x0, c)
+    assert terms.loss.ndim == 0 and terms.loss_u is not None
+    out = HSRDiffPipeline(net, DDIMSampler(process))(c, num_samples=2, num_inference_steps=3)
+    assert out.samples.shape == (2, 2, 3, 16, 16)
+    eps_only = HSRDiffPipeline(tiny_net("eps", condition="none"), DDIMSampler(process))
+    out = eps_only(c, num_samples=2, num_inference_steps=3)
+    assert out.samples.shape == (2, 2, 1, 16, 16) and torch.equal(out.kappa_trace, torch.zeros(3))
+
+
+def test_pipeline_bad_arguments(process):
+    pipe = HSRDiffPipeline(tiny_net(), DDPMSampler(process))
+    c = torch.zeros(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="num_samples"):
+        pipe(c, num_samples=0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        pipe(c, max_batch_size=0)
+    with pytest.raises(ValueError, match="DDIMSampler"):
+        pipe(c, num_inference_steps=10)
