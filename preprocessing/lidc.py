@@ -322,7 +322,7 @@ def prepare_lidc(
         by_patient.setdefault(scan.patient_id, []).append(scan)
     if progress:
         print(f"indexing DICOM files under {dicom_root} ...", flush=True)
-    index = DicomIndex.build(dicom_root)
+    index = DicomIndex.build(dicom_root, progress=progress)
     summary = RunSummary()
     if patients:
         unknown = [p for p in patients if p not in by_patient]
