@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from monai_hsrdiff.diffusion.pipeline import HSRDiffPipeline, SamplingOutput
 from monai_hsrdiff.diffusion.process import DiffusionLossOutput, PMean, SelfRegulatedDiffusion, resolve_kappa
-from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler, SamplerStepOutput
+from monai_hsrdiff.diffusion.samplers import SAMPLERS, DDIMSampler, DDPMSampler, SamplerStepOutput, get_sampler
 from monai_hsrdiff.diffusion.schedule import DiffusionSchedule, default_beta_range
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "SamplerStepOutput",
     "SamplingOutput",
     "SelfRegulatedDiffusion",
+    "SAMPLERS",
     "default_beta_range",
+    "get_sampler",
     "resolve_kappa",
 ]

@@ -232,3 +232,18 @@ class DDIMSampler(_Sampler):
         if sigma > 0:
             prev = prev + sigma * self._noise(sample, noise, generator)
         return SamplerStepOutput(prev, x0_hat, kappa)
+
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def get_sampler(name: str, process: SelfRegulatedDiffusion | None = None, eta: float = 0.0, **kwargs):
+    """Build a sampler by name, for configs: ``"ddpm"`` (Algorithm 2, all T steps) or ``"ddim"`` (strided).
+
+    ``eta`` applies to DDIM only; other keyword arguments go to the sampler's constructor.
+    """
+    if name == "ddpm":
+        return DDPMSampler(process, **kwargs)
+    if name == "ddim":
+        return DDIMSampler(process, eta=eta, **kwargs)
+    raise ValueError(f"get_sampler: unknown sampler {name!r}; expected one of {list(SAMPLERS)}")

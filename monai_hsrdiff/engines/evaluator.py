@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedEvaluator
 
+from monai_hsrdiff.diffusion import HSRDiffPipeline
 from monai_hsrdiff.metrics import entropy_map
 
 __all__ = ["HSRDiffEvaluator", "lower_is_better", "samples_to_masks"]
@@ -41,6 +43,7 @@ class HSRDiffEvaluator(SupervisedEvaluator):
             ALL annotations of each item, {0, 1} (or class labels when M > 1).
         network: the trained network (unwrapped, or an EMA copy).
         sampler: a sampler from :mod:`monai_hsrdiff.diffusion` (DDPM or strided DDIM).
+        num_inference_steps: sampler steps (None: all T; DDPM always uses all T).
         num_samples: N samples per image (the metrics' subscript; 32 covers N=16 and N=32).
         seed: seeds the sampling noise at the start of every evaluation run, so repeated
             evaluations of one checkpoint give identical numbers.
@@ -58,6 +61,7 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         val_data_loader,
         network: torch.nn.Module,
         sampler: Any,
+        num_inference_steps: int | None = None,
         num_samples: int = 16,
         seed: int = 0,
         max_batch: int | None = None,
@@ -76,12 +80,13 @@ class HSRDiffEvaluator(SupervisedEvaluator):
             **kwargs,
         )
         self.sampler = sampler
+        self.num_inference_steps = num_inference_steps
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.max_batch = max_batch
         self.progress = progress
         self._generator: torch.Generator | None = None
-        self.add_event_handler("started", self._reset)
+        self.add_event_handler(Events.STARTED, self._reset)
 
     def _reset(self, engine: HSRDiffEvaluator) -> None:
         gen_device = engine.state.device if engine.state.device.type == "cuda" else "cpu"
@@ -91,8 +96,6 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         engine.state.kappa_trace = {}
 
     def _iteration(self, engine: HSRDiffEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
-        from monai_hsrdiff.diffusion import sample
-
         for key in ("image", "masks"):
             if key not in batchdata:
                 raise KeyError(f"HSRDiffEvaluator: batch has no {key!r} (keys: {sorted(batchdata)})")
@@ -101,18 +104,17 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         network = getattr(engine.network, "module", engine.network)
         network.eval()
         with torch.inference_mode():
-            out = sample(
-                network,
+            out = HSRDiffPipeline(network, self.sampler)(
                 image,
-                self.sampler,
                 num_samples=self.num_samples,
+                num_inference_steps=self.num_inference_steps,
+                max_batch_size=self.max_batch,
                 generator=self._generator,
-                max_batch=self.max_batch,
                 progress=self.progress,
             )
         pred = samples_to_masks(out.samples)
         label = masks > 0 if pred.dtype == torch.bool else masks.long()
-        for t, k in zip(out.kappa_timesteps, out.kappa_mean):
+        for t, k in zip(out.timesteps.tolist(), out.kappa_trace.tolist()):
             t, k = int(t), float(k)
             engine.state.kappa_sum[t] = engine.state.kappa_sum.get(t, 0.0) + k * image.shape[0]
             engine.state.kappa_count[t] = engine.state.kappa_count.get(t, 0) + image.shape[0]

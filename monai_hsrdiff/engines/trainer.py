@@ -89,7 +89,7 @@ class HSRDiffTrainer(SupervisedTrainer):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in terms.as_floats().items())
+                + ", ".join(f"{k}={v:.4g}" for k, v in terms.as_dict().items())
                 + ". Training stopped; the last complete checkpoint is left as it was. "
                 "Lower the learning rate or enable gradient clipping (grad_clip_norm)."
             )
@@ -103,7 +103,7 @@ class HSRDiffTrainer(SupervisedTrainer):
             loss.backward()
             self._clip(engine)
             engine.optimizer.step()
-        out = terms.as_floats()
+        out = terms.as_dict()
         out["lr"] = engine.optimizer.param_groups[0]["lr"]
         return out
 
