@@ -71,6 +71,13 @@ class HSRDiffEvaluator(SupervisedEvaluator):
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"HSRDiffEvaluator: num_samples must be >= 1, got {num_samples}")
+        for name, handler in {**(kwargs.get("key_val_metric") or {}), **(kwargs.get("additional_metrics") or {})}.items():
+            needed = getattr(getattr(handler, "metric_fn", None), "num_samples", None)
+            if needed is not None and needed > num_samples:
+                raise ValueError(
+                    f"HSRDiffEvaluator: metric {name!r} scores {needed} samples per image but num_samples={num_samples}; "
+                    f"draw at least {needed} samples (N={needed} metrics use the first {needed} of them)"
+                )
         super().__init__(
             device=torch.device(device),
             val_data_loader=val_data_loader,
