@@ -13,10 +13,20 @@ from typing import Any
 
 from monai_hsrdiff.utils import atomic_write_text
 
-__all__ = ["DATALIST_NAME", "SPLITS", "RunSummary", "split_by_patient", "write_datalist"]
+__all__ = ["DATALIST_NAME", "SPLITS", "RunSummary", "add_split_arguments", "split_by_patient", "write_datalist"]
 
 DATALIST_NAME = "datalist.json"
 SPLITS = ("training", "validation", "test")
+
+
+def add_split_arguments(parser, seed_help: str, overwrite_help: str) -> None:
+    """The options every preprocessing command shares: ``--seed``, ``--split-ratios``, ``--overwrite``."""
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument(
+        "--split-ratios", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"),
+        help="patient-level split fractions (default 0.7 0.1 0.2)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
 
 
 def split_by_patient(

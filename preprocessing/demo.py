@@ -45,7 +45,7 @@ from scipy.ndimage import gaussian_filter
 
 from monai_hsrdiff.data.items import index_to_physical_matrix, save_item
 
-from .common import RunSummary, split_by_patient, write_datalist
+from .common import RunSummary, add_split_arguments, split_by_patient, write_datalist
 
 __all__ = [
     "LIDC_HU_WINDOW",
@@ -443,9 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (items/ and datalist.json)")
     p.add_argument("--num-items", type=int, default=None, help="number of items (default 300)")
     p.add_argument("--size", type=int, default=128, help="item size in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-ratios", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_split_arguments(p, seed_help="seed of the synthetic data and of the split", overwrite_help="replace an existing output folder")
     a = p.parse_args(argv)
     try:
         build_demo(a.task, a.out, a.num_items, a.size, a.seed, a.split_ratios, a.overwrite)

@@ -42,7 +42,7 @@ from scipy import ndimage
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
 from monai_hsrdiff.utils import atomic_write_text
-from preprocessing.common import RunSummary, split_by_patient, write_datalist
+from preprocessing.common import RunSummary, add_split_arguments, split_by_patient, write_datalist
 from preprocessing.pylidc_compat import import_pylidc
 
 __all__ = ["LidcOptions", "LidcPreparationError", "main", "nodule_items", "prepare_lidc", "prepare_patient"]
@@ -405,9 +405,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=0.5, help="in-plane item spacing in mm (default 0.5)")
     p.add_argument("--size", type=int, default=128, help="item size in pixels (default 128)")
     p.add_argument("--hu-window", type=float, nargs=2, default=(-1000.0, 400.0), metavar=("LOW", "HIGH"))
-    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
-    p.add_argument("--split-ratios", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--overwrite", action="store_true", help="redo patients that are already prepared")
+    add_split_arguments(p, seed_help="seed of the patient-level split", overwrite_help="redo patients that are already prepared")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="stop at, or skip, a bad patient")
     return p
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.utils import atomic_write_text
-from preprocessing.common import DATALIST_NAME, SPLITS, RunSummary, split_by_patient, write_datalist
+from preprocessing.common import DATALIST_NAME, RunSummary, SPLITS, add_split_arguments, split_by_patient, write_datalist
 from preprocessing.pylidc_compat import import_pylidc
 
 __all__ = [
@@ -300,9 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (items/*.npz and datalist.json)")
     p.add_argument("--split", choices=("ours", "mose"), default="ours",
                    help="ours: by patient (seed, ratios); mose: MoSE's fixed split by series UID")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (--split ours)")
-    p.add_argument("--split-ratios", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--overwrite", action="store_true", help="import again over existing items")
+    add_split_arguments(p, seed_help="seed of the patient-level split (--split ours)", overwrite_help="import again over existing items")
     return p
 
 

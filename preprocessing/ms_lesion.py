@@ -56,7 +56,7 @@ from monai.utils import convert_to_numpy
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.utils import atomic_write_text
 
-from .common import RunSummary, split_by_patient, write_datalist
+from .common import RunSummary, add_split_arguments, split_by_patient, write_datalist
 
 __all__ = [
     "MODALITIES",
@@ -466,9 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (items/ and datalist.json)")
     p.add_argument("--size", type=int, default=128, help="item size in pixels (default 128)")
     p.add_argument("--empty-share", type=float, default=0.1, help="lesion-free slices per lesion slice (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the lesion-free slice choice and the split")
-    p.add_argument("--split-ratios", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--overwrite", action="store_true", help="rebuild patients that are already finished")
+    add_split_arguments(p, seed_help="seed of the lesion-free slice choice and the split", overwrite_help="rebuild patients that are already finished")
     a = p.parse_args(argv)
     try:
         preprocess_ms_lesion(a.root, a.out, a.size, a.empty_share, a.seed, a.split_ratios, a.overwrite)
