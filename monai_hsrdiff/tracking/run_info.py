@@ -1,0 +1,145 @@
+"""What a tracked run records about itself: its bundle config, data set, code version, model size.
+
+The bundle config is read from the running ``monai.bundle`` parser: a config expression
+cannot refer to its own parser, so :func:`find_bundle_parser` looks for it on the call stack
+(the handlers are built, and run, inside ``ConfigParser.get_parsed_content``). Outside a
+bundle run it returns None and the config is simply not logged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "bundle_config",
+    "config_params",
+    "count_parameters",
+    "dataset_info",
+    "find_bundle_parser",
+    "git_commit",
+]
+
+# sections that wire objects (handlers, transforms, run lists): logged in the config
+# artifact, not as params, because they are code rather than settings
+SKIP_SECTIONS = {"imports", "initialize", "training", "evaluating", "finalize", "run", "train", "validate", "_meta_"}
+MAX_PARAM_VALUE = 500  # MLflow's historical limit; newer servers accept 6000
+_KEY_BAD = re.compile(r"[^\w./\- ]")
+
+
+def find_bundle_parser() -> Any | None:
+    """The ``monai.bundle.ConfigParser`` that is parsing the caller, or None outside a bundle run."""
+    from monai.bundle import ConfigParser
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, ConfigParser):
+                return obj
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def bundle_config(parser: Any) -> dict:
+    """The merged config of a bundle run: all config files plus command-line overrides, as
+    JSON-able data (expressions left as written)."""
+    return json.loads(json.dumps(parser.get(), default=str))
+
+
+def _scalar(v: Any) -> str | None:
+    """A settings value as a param string, or None when it is an object (network, dataset, ...)."""
+    import torch
+
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return str(v)
+    if isinstance(v, (Path, torch.device)):
+        return str(v)
+    if isinstance(v, (list, tuple)) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v):
+        return json.dumps(list(v))
+    return None
+
+
+def config_params(parser: Any) -> dict[str, str]:
+    """Flatten a bundle run's settings into MLflow params.
+
+    Every top-level key except the wiring sections (``train``, ``validate``, run lists) is
+    included; nested dicts (e.g. ``network_def``) become ``network_def/channels``. An
+    expression (``$...``/``@...``) is logged with its value when the run has already
+    evaluated it (e.g. ``run_dir``), else as written: nothing is evaluated just for logging.
+
+    Returns:
+        {key: value string}, values cut to 500 characters.
+    """
+    resolved = getattr(getattr(parser, "ref_resolver", None), "resolved_content", {}) or {}
+    out: dict[str, str] = {}
+
+    def visit(key: str, node_id: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{key}/{k}", f"{node_id}::{k}", v)
+            return
+        if isinstance(value, str) and value.startswith(("$", "@")) and node_id in resolved:
+            s = _scalar(resolved[node_id])
+            value_str = s if s is not None else value
+        else:
+            value_str = _scalar(value)
+            if value_str is None:  # lists of dicts and the like
+                return
+        if len(value_str) > MAX_PARAM_VALUE:
+            value_str = value_str[: MAX_PARAM_VALUE - 3] + "..."
+        out[_KEY_BAD.sub("_", key)[:250]] = value_str
+
+    for k, v in parser.get().items():
+        if k not in SKIP_SECTIONS and not str(k).startswith("_"):
+            visit(str(k), str(k), v)
+    return out
+
+
+def count_parameters(network: Any) -> int:
+    """Number of parameters of ``network`` (DDP/EMA wrappers unwrapped)."""
+    network = getattr(network, "module", network)
+    return int(sum(p.numel() for p in network.parameters()))
+
+
+def dataset_info(datalist: str | os.PathLike) -> dict[str, Any]:
+    """Name, synthetic flag, task and split sizes from a prepared data set's ``datalist.json``."""
+    doc = json.loads(Path(datalist).read_text())
+    info: dict[str, Any] = {
+        "dataset_name": doc.get("name", Path(datalist).parent.name),
+        "dataset_synthetic": bool(doc.get("synthetic", False)),
+        "dataset_path": str(Path(datalist).resolve().parent),
+    }
+    for split in ("training", "validation", "test"):
+        if isinstance(doc.get(split), list):
+            info[f"dataset_num_{split}"] = len(doc[split])
+    if doc.get("description"):
+        info["dataset_description"] = str(doc["description"])
+    return info
+
+
+def git_commit(path: str | os.PathLike | None = None) -> tuple[str, bool] | None:
+    """``(commit, dirty)`` of the git checkout holding ``path`` (default: this package), or None
+    when it is not a checkout or git is not installed."""
+    where = str(path or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(
+            ["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit, bool(status.strip())) if re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
