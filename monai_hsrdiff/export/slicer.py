@@ -1,0 +1,167 @@
+"""Write one inference case for 3D Slicer, in exactly the source scan's voxel grid.
+
+Files (all with the source's size, origin, spacing and direction; zeros outside the region):
+
+=========================  ============================================================
+``mean_probability.nii.gz``  float32, fraction of the N samples marking each voxel, [0, 1]
+``entropy.nii.gz``           float32, entropy of that mean in BITS, [0, 1]: 0 where all
+                             samples agree, 1 where they split evenly
+``samples.seg.nrrd``         Slicer segmentation, one segment per sample (``sample_01`` ..),
+                             coloured; overlapping segments go to separate layers
+``consensus.seg.nrrd``       Slicer segmentation, one segment: mean >= 0.5 (majority vote)
+``summary.json``             inputs, checkpoint, N, sampler, steps, region, timings, geometry
+=========================  ============================================================
+
+The case is built in a hidden temporary folder beside ``out`` and renamed to ``out`` when
+complete, so ``out`` either does not exist, holds the previous complete case
+(``overwrite=False`` refuses to touch it), or holds the new complete case.
+
+Example::
+
+    write_case("runs/lidc/inference/case1", prediction, source, summary={"checkpoint": "..."})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monai_hsrdiff.inference.source import InferenceInputError, SourceVolume
+from monai_hsrdiff.inference.volume import VolumePrediction
+
+__all__ = ["CASE_FILES", "check_output_folder", "sample_colors", "write_case", "write_segmentation", "write_volume"]
+
+CASE_FILES = ("mean_probability.nii.gz", "entropy.nii.gz", "samples.seg.nrrd", "consensus.seg.nrrd", "summary.json")
+CONSENSUS_COLOR = (1.0, 0.85, 0.0)
+
+
+def sample_colors(n: int) -> list[tuple[float, float, float]]:
+    """``n`` distinguishable RGB colours in [0, 1] (matplotlib's tab20, then cycled)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return [tuple(float(v) for v in cmap(i % 20)[:3]) for i in range(n)]  # type: ignore[misc]
+
+
+def write_volume(path: str | os.PathLike, array: np.ndarray, source: SourceVolume) -> Path:
+    """Write an (I, J, K) array with ``source``'s geometry (SimpleITK; format from the suffix)."""
+    import SimpleITK as sitk
+
+    if tuple(array.shape) != source.shape:
+        raise ValueError(f"write_volume: array shape {array.shape} differs from the source grid {source.shape}")
+    g = source.itk_geometry()
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    img.SetOrigin(g["origin"])
+    img.SetSpacing(g["spacing"])
+    img.SetDirection(g["direction"])
+    sitk.WriteImage(img, str(path), useCompression=True)
+    return Path(path)
+
+
+def write_segmentation(
+    path: str | os.PathLike,
+    masks: Sequence[np.ndarray],
+    names: Sequence[str],
+    colors: Sequence[tuple[float, float, float]],
+    source: SourceVolume,
+) -> Path:
+    """Write a Slicer ``.seg.nrrd`` with one segment per (I, J, K) bool mask (slicerio's writer)."""
+    import slicerio
+
+    seg = slicerio.create_segmentation(source.shape, source.index_to_physical)
+    for m, name, color in zip(masks, names, colors):
+        slicerio.add_segment(seg, m, {"id": name, "name": name, "color": list(color)})
+    slicerio.write_segmentation(str(path), seg)
+    return Path(path)
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an ``out`` that already holds results unless ``overwrite``; return it as a Path.
+
+    Raises:
+        InferenceInputError: ``out`` is a file, or holds files and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InferenceInputError(f"--out {out} is a file; pass a folder path for the case")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = sorted(p.name for p in out.iterdir())
+        raise InferenceInputError(
+            f"--out {out} already holds results ({', '.join(held[:6])}{' ...' if len(held) > 6 else ''}); "
+            "pass --overwrite to replace them or choose another --out"
+        )
+    return out
+
+
+def write_case(
+    out: str | os.PathLike,
+    prediction: VolumePrediction,
+    source: SourceVolume,
+    summary: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the five case files into ``out`` atomically (temporary folder, then rename).
+
+    Args:
+        out: the case folder.
+        prediction: (N, I, J, K) samples in ``source``'s grid.
+        source: the scan (its geometry is copied to every file).
+        summary: extra JSON-ready fields for ``summary.json`` (inputs, checkpoint, sampler, ...).
+        overwrite: replace a folder that already holds files.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        InferenceInputError: ``out`` holds results and ``overwrite`` is False.
+    """
+    import time
+
+    out = check_output_folder(out, overwrite)
+    t0 = time.perf_counter()
+    samples = prediction.samples
+    n = samples.shape[0]
+    if samples.shape[1:] != source.shape:
+        raise ValueError(f"write_case: samples grid {samples.shape[1:]} differs from the source grid {source.shape}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        mean = prediction.mean_probability
+        write_volume(tmp / "mean_probability.nii.gz", mean, source)
+        write_volume(tmp / "entropy.nii.gz", prediction.entropy, source)
+        names = [f"sample_{i + 1:02d}" for i in range(n)]
+        write_segmentation(tmp / "samples.seg.nrrd", list(samples), names, sample_colors(n), source)
+        write_segmentation(tmp / "consensus.seg.nrrd", [mean >= 0.5], ["consensus"], [CONSENSUS_COLOR], source)
+        doc = dict(summary or {})
+        doc.update(
+            {
+                "num_samples": int(n),
+                "segments": {"samples.seg.nrrd": names, "consensus.seg.nrrd": ["consensus"]},
+                "units": {"mean_probability": "fraction of samples, [0, 1]", "entropy": "bits, [0, 1]"},
+                "region": prediction.region.as_json(),
+                "source": {**source.info, "geometry": source.itk_geometry(), "channels": list(source.channel_names)},
+                "files": list(CASE_FILES),
+            }
+        )
+        timings = dict(doc.get("timings", {}), **prediction.timings)
+        timings["write_s"] = time.perf_counter() - t0
+        doc["timings"] = {k: round(float(v), 3) for k, v in timings.items()}
+        (tmp / "summary.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        if out.exists():  # empty, or overwrite: move the old case aside, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
