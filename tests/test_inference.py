@@ -134,7 +134,7 @@ def _configs(task: str, tiny: Path) -> list[str]:
 def lidc_ckpt(tmp_path_factory):
     """Weights of the tiny demo network, built from the same config files the CLI reads."""
     tmp = tmp_path_factory.mktemp("lidc_ckpt")
-    tiny = _tiny_config(tmp, "lidc", inference_item_spacing=0.9)
+    tiny = _tiny_config(tmp, "lidc", inference_item_spacing=1.1)
     parser = ConfigParser()
     parser.read_config(_configs("lidc", tiny))
     torch.manual_seed(0)
@@ -241,10 +241,34 @@ def test_nifti_oblique_axial_axis_first_lands_blob(ms_files, tmp_path):
     assert np.linalg.norm(marked - MS_BLOB, axis=1).max() <= 3.6
 
 
+def test_ms_slice_mapping_equals_training_items():
+    """Item pixel -> source index of the inference slices is preprocessing.ms_lesion.slice_item_to_index."""
+    from preprocessing.ms_lesion import LPS_FROM_RAS as lps, slice_axes, slice_item_to_index
+
+    from monai_hsrdiff.inference import SliceAxes
+    from monai_hsrdiff.inference.volume import _ms_plane, ms_lesion_preprocessing
+
+    for axial, signs in ((0, (-1, 1, 1)), (1, (1, -1, 1)), (2, (-1, -1, 1))):
+        shape = [14, 18]
+        shape.insert(axial, 7)
+        axes = SliceAxes(*slice_axes(lps @ oblique_affine(axial, signs=signs)))
+        vol = np.random.default_rng(axial).random((1, *shape)).astype(np.float32)
+        np.testing.assert_array_equal(axes.from_plane(axes.to_plane(vol)), vol)
+        k = 3
+        _, scale, offset = _ms_plane(axes.to_plane(vol)[:, k], ms_lesion_preprocessing(32))
+        expected = slice_item_to_index(shape, axes.as_tuple(), k, 32)
+        for r, c in ((0.0, 0.0), (31.0, 5.0), (12.5, 30.0)):
+            disp = np.array([scale[0] * r + offset[0], scale[1] * c + offset[1]])  # display row, col
+            idx = np.zeros(3)
+            idx[axes.slice_axis] = k
+            idx[axes.row_axis] = shape[axes.row_axis] - 1 - disp[0] if axes.flip_rows else disp[0]
+            idx[axes.col_axis] = shape[axes.col_axis] - 1 - disp[1] if axes.flip_cols else disp[1]
+            np.testing.assert_allclose(idx, (expected @ [r, c, 0.0, 1.0])[:3], atol=1e-9)
+
+
 # ------------------------------------------------------------- the real model, end to end
 
 
-@pytest.mark.slow
 def test_cli_real_model_dicom(ct_dir, lidc_ckpt, tmp_path, capsys):
     ckpt, tiny = lidc_ckpt
     out = tmp_path / "case"
@@ -277,10 +301,9 @@ def test_cli_real_model_dicom(ct_dir, lidc_ckpt, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_samples"] == 4 and summary["sampler"] == "ddim" and summary["num_inference_steps"] == 3
     assert summary["checkpoint"] == str(ckpt) and len(summary["kappa_trace_mean"]) == 3
-    assert summary["preprocessing"]["item_spacing_mm"] == 0.9
+    assert summary["preprocessing"]["item_spacing_mm"] == 1.1
 
 
-@pytest.mark.slow
 def test_bundle_run_inference_ms(ms_files, tmp_path, monkeypatch):
     """``python -m monai.bundle run inference`` with train.json + inference.json (+ demo + tiny)."""
     from monai.bundle import run

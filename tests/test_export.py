@@ -1,0 +1,117 @@
+"""The 3D Slicer case writer: closed-form entropy, geometry read back by SimpleITK and slicerio, atomic output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+import monai_hsrdiff.export.slicer as slicer
+from monai_hsrdiff.export import CASE_FILES, write_case
+from monai_hsrdiff.inference import InferenceInputError, Region, SliceAxes, SourceVolume, VolumePrediction
+
+SHAPE = (5, 4, 3)
+
+
+def _source() -> SourceVolume:
+    a, b = np.radians(25.0), np.radians(-10.0)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.array(
+        [[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]]
+    )
+    m = np.eye(4)
+    m[:3, :3] = rot @ np.diag([0.7, 1.3, 2.5])
+    m[:3, 3] = [12.5, -40.0, 7.25]
+    return SourceVolume(np.zeros((1, *SHAPE), np.float32), m, SliceAxes(2, 1, 0), ("CT",), ["synthetic"])
+
+
+def _prediction() -> VolumePrediction:
+    """N=4 samples; voxel (x, 0, 0) is marked by x of them (x = 0..4)."""
+    s = np.zeros((4, *SHAPE), dtype=bool)
+    for x in range(5):
+        s[:x, x, 0, 0] = True
+    s[:, 2, 3, 2] = [True, False, True, False]  # another 50/50 voxel, overlapping segments
+    return VolumePrediction(s, Region.whole(SHAPE), {"model_s": 0.0})
+
+
+def test_mean_entropy_consensus_closed_form(tmp_path):
+    out = write_case(tmp_path / "case", _prediction(), _source())
+    mean = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "mean_probability.nii.gz"))), (2, 1, 0))
+    ent = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "entropy.nii.gz"))), (2, 1, 0))
+    h34 = -(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25))  # 0.8113 bits
+    np.testing.assert_allclose(mean[:, 0, 0], [0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(ent[:, 0, 0], [0.0, h34, 1.0, h34, 0.0], atol=1e-6)  # agree: 0; split evenly: 1 bit
+    assert ent[2, 3, 2] == pytest.approx(1.0)
+    assert mean.dtype == np.float32 and ent.max() <= 1.0
+    # everything else: all samples agree on background
+    rest = np.ones(SHAPE, bool)
+    rest[:, 0, 0] = False
+    rest[2, 3, 2] = False
+    assert not mean[rest].any() and not ent[rest].any()
+    cons = slicerio.read_segmentation(str(out / "consensus.seg.nrrd"))
+    assert slicerio.segment_names(cons) == ["consensus"]
+    np.testing.assert_array_equal(np.nonzero(slicerio.segment_mask(cons, cons["segments"][0])[:, 0, 0])[0], [2, 3, 4])
+
+
+def test_geometry_segments_and_summary(tmp_path):
+    src, pred = _source(), _prediction()
+    out = write_case(tmp_path / "case", pred, src, summary={"sampler": "ddim"})
+    assert sorted(p.name for p in out.iterdir()) == sorted(CASE_FILES)
+    g = src.itk_geometry()
+    for name in ("mean_probability.nii.gz", "entropy.nii.gz", "consensus.seg.nrrd"):
+        img = sitk.ReadImage(str(out / name))
+        assert list(img.GetSize()) == list(SHAPE)
+        np.testing.assert_allclose(img.GetOrigin(), [12.5, -40.0, 7.25], atol=1e-5)
+        np.testing.assert_allclose(img.GetSpacing(), [0.7, 1.3, 2.5], atol=1e-5)
+        np.testing.assert_allclose(img.GetDirection(), g["direction"], atol=1e-5)
+    seg = slicerio.read_segmentation(str(out / "samples.seg.nrrd"))
+    np.testing.assert_allclose(seg["ijkToLPS"], src.index_to_physical, atol=1e-5)
+    assert slicerio.segment_names(seg) == ["sample_01", "sample_02", "sample_03", "sample_04"]
+    colors = [tuple(np.round(s["color"], 4)) for s in seg["segments"]]
+    assert len(set(colors)) == 4
+    for n, s in enumerate(seg["segments"]):  # overlapping samples come back voxel-exact
+        np.testing.assert_array_equal(slicerio.segment_mask(seg, s), pred.samples[n])
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["sampler"] == "ddim" and doc["num_samples"] == 4
+    assert doc["units"]["entropy"].startswith("bits") and doc["source"]["geometry"]["size"] == list(SHAPE)
+
+
+def test_refuses_existing_results_and_stays_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "case"
+    write_case(out, _prediction(), _source())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(InferenceInputError, match="already holds results.*--overwrite"):
+        write_case(out, _prediction(), _source())
+    # a failure half-way through an overwrite leaves the previous complete case and no temporary folder
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args[0])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(slicer, "write_segmentation", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_case(out, _prediction(), _source(), overwrite=True)
+    assert calls and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(OSError):
+        write_case(tmp_path / "new", _prediction(), _source())
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+    # an empty existing folder is not "results"; a file is not a folder
+    monkeypatch.undo()
+    (tmp_path / "empty").mkdir()
+    write_case(tmp_path / "empty", _prediction(), _source())
+    assert (tmp_path / "empty" / "summary.json").is_file()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InferenceInputError, match="is a file"):
+        write_case(tmp_path / "afile", _prediction(), _source())
+
+
+def test_grid_mismatch_is_refused(tmp_path):
+    bad = VolumePrediction(np.zeros((2, 5, 4, 2), bool), Region.whole((5, 4, 2)), {})
+    with pytest.raises(ValueError, match="differs from the source grid"):
+        write_case(tmp_path / "case", bad, _source())
+    assert not (tmp_path / "case").exists()
