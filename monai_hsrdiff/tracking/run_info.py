@@ -72,8 +72,9 @@ def config_params(parser: Any) -> dict[str, str]:
 
     Every top-level key except the wiring sections (``train``, ``validate``, run lists) is
     included; nested dicts (e.g. ``network_def``) become ``network_def/channels``. An
-    expression (``$...``/``@...``) is logged with its value when the run has already
-    evaluated it (e.g. ``run_dir``), else as written: nothing is evaluated just for logging.
+    expression (``$...``) or reference (``@key``) is logged with its value when the run has
+    already evaluated it (e.g. ``run_dir``) and the value is a setting rather than an object;
+    nothing is evaluated just for logging (the config artifact has every expression as written).
 
     Returns:
         {key: value string}, values cut to 500 characters.
@@ -86,9 +87,14 @@ def config_params(parser: Any) -> dict[str, str]:
             for k, v in value.items():
                 visit(f"{key}/{k}", f"{node_id}::{k}", v)
             return
-        if isinstance(value, str) and value.startswith(("$", "@")) and node_id in resolved:
-            s = _scalar(resolved[node_id])
-            value_str = s if s is not None else value
+        if isinstance(value, str) and value.startswith(("$", "@")):
+            # "@key" is the value of key; "$expr" only when the run has evaluated it already
+            ref = value[1:].replace("#", "::") if value.startswith("@") else node_id
+            if ref not in resolved:
+                return
+            value_str = _scalar(resolved[ref])
+            if value_str is None:  # an object (network, optimizer, ...), not a setting
+                return
         else:
             value_str = _scalar(value)
             if value_str is None:  # lists of dicts and the like

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import warnings
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,8 +206,7 @@ def resolve_tracking_store(
             f"the MLflow tracking store {uri} (from {where}) cannot be reached ({e}); "
             f"tracking_fallback_local is true, so this run logs to the local store {local_uri}"
         )
-        print(f"[hsrdiff] WARNING: {msg}", flush=True)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        print(f"[hsrdiff] WARNING: {msg}", file=sys.stderr, flush=True)
         try:
             check_tracking_store(local_uri, timeout=timeout)
         except ConnectionError as e2:
