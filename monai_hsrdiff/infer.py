@@ -45,7 +45,7 @@ from monai_hsrdiff.inference.volume import (
     predict_volume,
 )
 
-__all__ = ["case_name", "default_item_spacing", "infer", "infer_case", "main", "make_predictor", "read_source"]
+__all__ = ["bundle_infer_case", "case_name", "default_item_spacing", "infer", "infer_case", "main", "make_predictor", "read_source"]
 
 SamplerName = Literal["ddim", "ddpm"]
 
@@ -269,6 +269,17 @@ def infer_case(
     case = write_case(out, pred, source, doc, overwrite)
     say(f"[hsrdiff] wrote {case} — open it in 3D Slicer (drag the files onto the window; see docs/slicer.md)")
     return case
+
+
+def bundle_infer_case(**kwargs: Any) -> Path:
+    """:func:`infer_case` for ``inference.json``: bad input stops the bundle run with a message, no traceback."""
+    from monai_hsrdiff.bundle import fail
+    from monai_hsrdiff.io.dicom import DicomSeriesError
+
+    try:
+        return infer_case(**kwargs)
+    except (InferenceInputError, DicomSeriesError) as e:
+        raise fail(str(e)) from e
 
 
 def _bundle_parser(bundle: str | os.PathLike, configs: Sequence[str | os.PathLike] = ()):
