@@ -1,0 +1,351 @@
+"""MLflow tracking end to end: real bundle runs, a real SQLite store, a real MLflow server.
+
+One short training and one evaluation (module fixture) are shared by the tests. Nothing of
+MLflow is mocked: the runs are read back with ``MlflowClient``, through the REST API of an
+``mlflow ui`` process started with the command ``ui_command`` prints, and a tracking server
+is killed during a training to check that training survives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from monai_hsrdiff.bundle import BundleError
+from monai_hsrdiff.diffusion import DiffusionSchedule, SelfRegulatedDiffusion, get_sampler
+from monai_hsrdiff.networks import get_preset
+from monai_hsrdiff.tracking import (
+    check_tracking_store,
+    count_parameters,
+    kappa_curve_figure,
+    local_artifact_root,
+    local_tracking_uri,
+    resolve_tracking_store,
+    sample_grid_figure,
+    ui_command,
+)
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MLFLOW = str(Path(PY).parent / "mlflow")
+BUNDLE = REPO / "bundles" / "lidc"
+TRAIN_CFG = f"['{BUNDLE / 'train.json'}','{BUNDLE / 'demo.json'}']"
+EVAL_CFG = f"['{BUNDLE / 'train.json'}','{BUNDLE / 'evaluate.json'}','{BUNDLE / 'demo.json'}']"
+# a 0.09M-parameter network at 32x32: 17 training items / batch 6 = 3 iterations per epoch
+TINY = [
+    "--image_size", "32", "--batch_size", "6",
+    "--network_def#channels", "[8,8,16]", "--network_def#num_head_channels", "8", "--network_def#norm_num_groups", "4",
+]  # fmt: skip
+EPOCHS, ITERS_PER_EPOCH, VAL_STEPS = 2, 3, 2
+LOSS_KEYS = ("loss", "loss_x0", "loss_eps", "loss_u", "kappa", "lr")
+VAL_KEYS = ("val_ged16", "val_hm_iou16", "val_mdm16", "val_fused_iou16", "val_kappa_mean", "best_metric")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(root: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(HSRDIFF_RUN_ROOT=str(root / "runs"), HSRDIFF_DATA_ROOT=str(root / "data"), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _bundle(root: Path, run_id: str, *args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    cfg = TRAIN_CFG if run_id == "training" else EVAL_CFG
+    cmd = [PY, "-m", "monai.bundle", "run", run_id, "--config_file", cfg, *TINY, *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(root, **env), capture_output=True, text=True, timeout=timeout)
+
+
+def _png(client: MlflowClient, run_id: str, path: str, dst: Path) -> np.ndarray:
+    local = client.download_artifacts(run_id, path, str(dst))
+    img = np.asarray(Image.open(local).convert("RGB"))
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50 and img.std() > 0, path
+    return img
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], port: int, timeout: float = 120):
+    """Start an MLflow server process group; yield its base URL once /health answers; always stop it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read().decode(errors="replace") if proc.poll() is not None else ""
+                raise AssertionError(f"MLflow server did not start on port {port}: {out[-2000:]}")
+            time.sleep(0.5)
+        yield proc, url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+        proc.stdout.close()
+
+
+def _rest(url: str, endpoint: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + endpoint, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory) -> dict:
+    """Demo data, a 2-epoch training on the default local store, and an evaluation that is
+    pointed at a dead server with tracking_fallback_local=true (so it must land locally)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    demo = subprocess.run(
+        [PY, "-m", "preprocessing.demo", "--task", "lidc", "--out", str(root / "data" / "demo_lidc"), "--size", "32",
+         "--num-items", "24"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stderr
+    train = _bundle(root, "training", "--num_epochs", str(EPOCHS), "--val_interval", "1",
+                    "--val_sampling_steps", str(VAL_STEPS), "--val_max_items", "2")  # fmt: skip
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    dead = f"http://127.0.0.1:{_free_port()}"
+    evaluate = _bundle(root, "evaluating", "--eval_num_samples", "32", "--eval_sampling_steps", "2",
+                       "--eval_max_items", "2", "--tracking_uri", dead, "--tracking_fallback_local", "true")  # fmt: skip
+    assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
+    run_dir = root / "runs" / "lidc_demo"
+    client = MlflowClient(local_tracking_uri(run_dir))
+    exp = client.get_experiment_by_name("hsrdiff_lidc")
+    runs = {r.data.tags["hsrdiff.role"]: r for r in client.search_runs([exp.experiment_id])}
+    return dict(root=root, run_dir=run_dir, client=client, exp=exp, runs=runs, train=train, evaluate=evaluate, dead=dead)
+
+
+def test_training_run_metrics_params_artifacts(tracked, tmp_path: Path) -> None:
+    client, run_dir = tracked["client"], tracked["run_dir"]
+    assert sorted(tracked["runs"]) == ["evaluation", "training"]
+    run = client.get_run(tracked["runs"]["training"].info.run_id)
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED" and run.info.run_name == "lidc_demo-training"
+    assert tracked["exp"].artifact_location == Path(local_artifact_root(run_dir)).as_uri()
+    # per-iteration loss terms and lr: one point per iteration, steps 1..6
+    for key in LOSS_KEYS:
+        assert _steps(client, rid, key) == list(range(1, EPOCHS * ITERS_PER_EPOCH + 1)), key
+    lr = float(run.data.params["learning_rate"])  # constant schedule: every step logs the configured rate
+    assert [m.value for m in client.get_metric_history(rid, "lr")] == pytest.approx([lr] * 6, rel=1e-6)
+    # per-validation metrics: one point per epoch
+    for key in VAL_KEYS:
+        assert _steps(client, rid, key) == [1, 2], key
+    # the kappa curve: one series per validation, step = the DDIM timesteps the sampler visits
+    sampler = get_sampler("ddim", SelfRegulatedDiffusion(DiffusionSchedule(num_train_timesteps=250)))
+    sampler.set_timesteps(VAL_STEPS)
+    expected_t = sorted(int(t) for t in sampler.timesteps)
+    for epoch in (1, 2):
+        series = client.get_metric_history(rid, f"kappa_t/epoch_{epoch:04d}")
+        assert sorted(m.step for m in series) == expected_t
+        assert all(0.0 <= m.value <= 1.0 for m in series)
+        mean = [m.value for m in client.get_metric_history(rid, "val_kappa_mean") if m.step == epoch][0]
+        assert mean == pytest.approx(np.mean([m.value for m in series]), rel=1e-9)
+        trace = json.loads(Path(client.download_artifacts(rid, f"kappa/kappa_trace_epoch_{epoch:04d}.json", str(tmp_path))).read_text())
+        assert {int(t): v for t, v in trace.items()} == pytest.approx({m.step: m.value for m in series})
+        _png(client, rid, f"kappa/kappa_curve_epoch_{epoch:04d}.png", tmp_path)
+        grid = _png(client, rid, f"samples/samples_epoch_{epoch:04d}.png", tmp_path)
+        # 2 rows (val_max_items) of 11 panels: image, 4 annotations, 4 samples, mean, entropy
+        assert grid.shape[1] > 4 * grid.shape[0]
+    # params: settings after the command-line overrides, model size, data set, code version
+    p = run.data.params
+    assert p["preset"] == "hsrdiff_light" and p["image_size"] == "32" and p["batch_size"] == "6"
+    assert p["network_def/channels"] == "[8, 8, 16]" and p["network_def/name"] == "hsrdiff_light"
+    assert p["run_dir"] == str(run_dir.resolve()) and p["experiment_name"] == "hsrdiff_lidc"
+    net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, channels=[8, 8, 16], num_head_channels=8,
+                     norm_num_groups=4, attention_levels=[False, False, True], num_res_blocks=1)  # fmt: skip
+    assert p["num_parameters"] == str(count_parameters(net))
+    assert p["dataset_name"] == "lidc_demo" and p["dataset_synthetic"] == "True" and p["dataset_num_training"] == "17"
+    assert p["max_epochs"] == str(EPOCHS) and p["epoch_length"] == str(ITERS_PER_EPOCH)
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", p["git_commit"])
+    assert run.data.tags["mlflow.source.git.commit"] == p["git_commit"][:40]
+    assert run.data.tags["hsrdiff.synthetic"] == "true" and "SYNTHETIC" in run.data.tags["mlflow.note.content"]
+    # the merged config (files + overrides) as an artifact
+    cfg = json.loads(Path(client.download_artifacts(rid, "config/bundle_config.json", str(tmp_path))).read_text())
+    assert cfg["image_size"] == 32 and cfg["preset"] == "hsrdiff_light" and cfg["network_def"]["channels"] == [8, 8, 16]
+    # the best checkpoint (the bundle's model file) and the bundle metadata, byte for byte
+    logged = Path(client.download_artifacts(rid, "model/model.pt", str(tmp_path)))
+    assert logged.read_bytes() == (run_dir / "checkpoints" / "model.pt").read_bytes()
+    net.load_state_dict(torch.load(logged, map_location="cpu", weights_only=True))  # strict: every weight
+    meta = Path(client.download_artifacts(rid, "model/metadata.json", str(tmp_path)))
+    assert meta.read_bytes() == (BUNDLE / "metadata.json").read_bytes()
+    # the run prints the command that opens the UI on this store
+    assert ui_command(run_dir) in tracked["train"].stdout
+
+
+def test_evaluation_run_nested_and_fallback(tracked, tmp_path: Path) -> None:
+    client, run_dir = tracked["client"], tracked["run_dir"]
+    run = client.get_run(tracked["runs"]["evaluation"].info.run_id)
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED"
+    # the dead server was reported, and the run went to the local store instead
+    assert tracked["dead"] in tracked["evaluate"].stderr and "tracking_fallback_local is true" in tracked["evaluate"].stderr
+    assert run.data.tags["hsrdiff.tracking_source"] == "fallback"
+    # nested under the training run of the same run directory
+    assert run.data.tags["mlflow.parentRunId"] == tracked["runs"]["training"].info.run_id
+    # the logged metrics are the numbers the evaluation wrote to metrics.json
+    written = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(written) <= set(run.data.metrics)
+    for k, v in written.items():
+        assert run.data.metrics[k] == pytest.approx(v, rel=1e-6), k
+        assert _steps(client, rid, k) == [1]
+    assert run.data.params["eval_num_samples"] == "32" and run.data.params["eval_split"] == "test"
+    assert len(_steps(client, rid, "kappa_t")) == 2
+    _png(client, rid, "kappa/kappa_curve_eval.png", tmp_path)
+    _png(client, rid, "samples/samples_eval.png", tmp_path)
+    csv = Path(client.download_artifacts(rid, "eval/metrics.csv", str(tmp_path))).read_text()
+    assert "val_ged32" in csv
+
+
+def test_ui_command_serves_the_run(tracked, tmp_path: Path) -> None:
+    """The printed UI command, run as printed (on a free port), serves runs and artifacts over REST."""
+    port = _free_port()
+    cmd = shlex.split(ui_command(tracked["run_dir"], port=port))
+    assert cmd[:2] == ["mlflow", "ui"]
+    with _server([MLFLOW, *cmd[1:]], port) as (_, url):
+        exp = _rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=hsrdiff_lidc")["experiment"]
+        found = _rest(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        by_id = {r["info"]["run_id"]: r for r in found}
+        train_id = tracked["runs"]["training"].info.run_id
+        assert set(by_id) == {train_id, tracked["runs"]["evaluation"].info.run_id}
+        metrics = {m["key"]: m["value"] for m in by_id[train_id]["data"]["metrics"]}
+        assert metrics["val_ged16"] == pytest.approx(tracked["runs"]["training"].data.metrics["val_ged16"])
+        # the artifacts the UI shows come through the same server
+        with urllib.request.urlopen(f"{url}/get-artifact?path=kappa/kappa_curve_epoch_0002.png&run_uuid={train_id}", timeout=30) as r:
+            img = Image.open(io.BytesIO(r.read()))
+            assert img.format == "PNG" and img.size[0] > 100
+
+
+def test_unreachable_store_stops_before_training(tracked) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    out = _bundle(tracked["root"], "training", "--run_name", "deadstore", "--tracking_uri", dead, timeout=180)
+    assert out.returncode == 2
+    assert f"ERROR: the MLflow tracking store {dead}" in out.stderr
+    assert "--tracking_fallback_local true" in out.stderr and "Traceback" not in out.stderr
+    run_dir = tracked["root"] / "runs" / "lidc_deadstore"
+    assert not list(run_dir.rglob("*.pt")) and not (run_dir / "mlflow.db").exists()
+
+
+def test_server_dies_mid_training(tracked, tmp_path: Path) -> None:
+    """A real tracking server is killed after the first logged iteration: training finishes,
+    warns, and its checkpoints are complete; the server's store holds the part logged before."""
+    store = tmp_path / "server"
+    store.mkdir()
+    shutil.copy(tracked["run_dir"] / "mlflow.db", store / "mlflow.db")  # already migrated: fast start
+    port = _free_port()
+    cmd = [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+           "--default-artifact-root", (store / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with _server(cmd, port) as (server, url):
+        proc = subprocess.Popen(
+            [PY, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CFG, *TINY, "--run_name", "midrun",
+             "--num_epochs", "2", "--val_interval", "5", "--tracking_uri", url],
+            cwd=REPO, env=_env(tracked["root"], MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            exp_id = None
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and proc.poll() is None:
+                exp_id = exp_id or _rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=hsrdiff_lidc")[
+                    "experiment"
+                ]["experiment_id"]
+                runs = _rest(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id],
+                             "filter": "tags.`hsrdiff.run_dir` LIKE '%lidc_midrun'"}).get("runs", [])  # fmt: skip
+                if runs and any(m["key"] == "loss" for m in runs[0]["data"].get("metrics", [])):
+                    break
+                time.sleep(0.3)
+            assert proc.poll() is None, "training ended before the server could be killed"
+            os.killpg(server.pid, signal.SIGKILL)  # the server dies; training goes on
+            out, _ = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, out[-3000:]
+    assert f"MLflow tracking to {url} failed" in out and "Training continues" in out
+    ckpt = tracked["root"] / "runs" / "lidc_midrun" / "checkpoints" / f"resume_checkpoint_{EPOCHS * ITERS_PER_EPOCH}.pt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["trainer"]["iteration"] == EPOCHS * ITERS_PER_EPOCH and "network" in state and "optimizer" in state
+    # what reached the server before it died is in its store: some, not all, iterations
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    run = client.search_runs([exp_id], filter_string="tags.`hsrdiff.run_dir` LIKE '%lidc_midrun'")[0]
+    logged = _steps(client, run.info.run_id, "loss")
+    assert 1 <= len(logged) < EPOCHS * ITERS_PER_EPOCH and run.info.status == "RUNNING"
+
+
+def test_store_resolution_precedence(tracked, monkeypatch) -> None:
+    run_dir, local = tracked["run_dir"], local_tracking_uri(tracked["run_dir"])
+    dead = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_store(run_dir).uri == local and resolve_tracking_store(run_dir).source == "local"
+    # the bundle key beats the environment variable (the dead env server is never contacted)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    store = resolve_tracking_store(run_dir, tracking_uri=local)
+    assert (store.uri, store.source) == (local, "config")
+    # the variable beats the default; unreachable without fallback: a clean stop naming it
+    with pytest.raises(BundleError, match=re.escape(dead)):
+        resolve_tracking_store(run_dir)
+    fb = resolve_tracking_store(run_dir, fallback_local=True)
+    assert (fb.uri, fb.source, fb.is_local) == (local, "fallback", True)
+
+
+def test_check_store_rejects_bad_stores(tmp_path: Path) -> None:
+    bad = tmp_path / "notadb.db"
+    bad.write_text("this is not sqlite")
+    with pytest.raises(ConnectionError, match="not an SQLite database"):
+        check_tracking_store(f"sqlite:///{bad}")
+    with pytest.raises(ConnectionError, match="file store"):
+        check_tracking_store(str(tmp_path / "mlruns"))
+
+
+def test_figures_check_their_inputs() -> None:
+    with pytest.raises(ValueError, match="kappa_trace is empty"):
+        kappa_curve_figure({})
+    fig = kappa_curve_figure({0: 0.9, 124: 0.5, 249: 0.2}, num_train_timesteps=250)
+    ax = fig.axes[0]
+    assert ax.get_xlim() == (0.0, 250.0) and ax.get_ylim() == (0.0, 1.0)
+    assert list(ax.lines[-1].get_xdata()) == [0, 124, 249]  # t ascending, left to right as in Figure 6
+    z = torch.zeros
+    with pytest.raises(ValueError, match="one K"):
+        sample_grid_figure(z(2, 1, 8, 8), z(3, 4, 8, 8), z(2, 16, 8, 8), z(2, 8, 8), z(2, 8, 8))
+    fig = sample_grid_figure(z(2, 1, 8, 8), z(2, 4, 8, 8), z(2, 16, 8, 8), z(2, 8, 8), z(2, 8, 8), num_samples=3)
+    assert len(fig.axes) == 2 * (1 + 4 + 3 + 2)
