@@ -236,6 +236,36 @@ def _itk_geometry(affine_lps: np.ndarray) -> dict[str, list[float]]:
     }
 
 
+def zscore_brain(vols: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]]]:
+    """Z-score each channel over brain voxels (any channel > 0), background set to 0.
+
+    nnU-Net's "nonzero" scheme, for skull-stripped images whose background is exactly 0.
+
+    Args:
+        vols: (C, *spatial) raw intensities.
+        names: one name per channel (a file name) for the error messages.
+
+    Returns:
+        (z-scored float32 volumes, boolean brain mask (*spatial), {name: [mean, std]}).
+
+    Raises:
+        MSLesionInputError: no voxel > 0 at all, or a channel constant over the brain.
+    """
+    brain = (vols > 0).any(axis=0)
+    if not brain.any():
+        raise MSLesionInputError(f"{names[0]}: no voxel > 0 in any modality; expected skull-stripped images (background 0)")
+    out = np.zeros(vols.shape, dtype=np.float32)
+    stats = {}
+    for c, name in enumerate(names):
+        v = vols[c][brain]
+        mean, std = float(v.mean()), float(v.std())
+        if std <= 0:
+            raise MSLesionInputError(f"{name}: constant over the brain (std 0), cannot z-score")
+        out[c] = np.where(brain, (vols[c] - mean) / std, 0.0)
+        stats[name] = [mean, std]
+    return out, brain, stats
+
+
 def _time_point_items(
     tp: TimePoint, root: Path, size: int, empty_share: float, seed: int
 ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]]:
@@ -245,18 +275,8 @@ def _time_point_items(
     masks = np.stack([_read(tp.masks[r]) > 0 for r in RATERS])  # (2, X, Y, Z)
     affine_lps = LPS_FROM_RAS @ nib.load(tp.images["flair"]).affine
 
-    # z-score over brain voxels (any modality > 0), background set to 0 (nnU-Net's "nonzero" scheme)
-    brain = (vols > 0).any(axis=0)
-    if not brain.any():
-        raise MSLesionInputError(f"{tp.images['flair']}: no voxel > 0 in any modality of {tp.name}; expected skull-stripped *_pp images")
-    stats = {}
-    for c, mod in enumerate(MODALITIES):
-        v = vols[c][brain]
-        mean, std = float(v.mean()), float(v.std())
-        if std <= 0:
-            raise MSLesionInputError(f"{tp.images[mod]}: constant over the brain (std 0), cannot z-score")
-        vols[c] = np.where(brain, (vols[c] - mean) / std, 0.0)
-        stats[mod] = [mean, std]
+    vols, brain, by_file = zscore_brain(vols, [str(tp.images[m]) for m in MODALITIES])
+    stats = dict(zip(MODALITIES, by_file.values()))
 
     axes = slice_axes(affine_lps)
     k_axis, row_axis, col_axis, flip_r, flip_c = axes

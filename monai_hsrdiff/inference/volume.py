@@ -144,7 +144,7 @@ class Region:
 
 
 def zscore_brain(data: np.ndarray) -> np.ndarray:
-    """Z-score each channel over brain voxels (any channel > 0), background 0 — as ``preprocessing.ms_lesion``.
+    """Z-score each channel over brain voxels exactly as ``preprocessing.ms_lesion`` does for training.
 
     Args:
         data: (C, *spatial) raw MRI intensities (skull-stripped: background exactly 0).
@@ -152,17 +152,13 @@ def zscore_brain(data: np.ndarray) -> np.ndarray:
     Raises:
         InferenceInputError: no voxel > 0, or a channel constant over the brain.
     """
-    brain = (data > 0).any(axis=0)
-    if not brain.any():
-        raise InferenceInputError("--input: no voxel > 0 in any modality; expected skull-stripped MRI (background 0)")
-    out = np.zeros_like(data, dtype=np.float32)
-    for c in range(data.shape[0]):
-        v = data[c][brain]
-        std = float(v.std())
-        if std <= 0:
-            raise InferenceInputError(f"--input: channel {c} is constant over the brain (std 0), cannot z-score")
-        out[c] = np.where(brain, (data[c] - float(v.mean())) / std, 0.0)
-    return out
+    from preprocessing.ms_lesion import MSLesionInputError
+    from preprocessing.ms_lesion import zscore_brain as _zscore
+
+    try:
+        return _zscore(data, [f"--input channel {c}" for c in range(data.shape[0])])[0]
+    except MSLesionInputError as e:
+        raise InferenceInputError(str(e)) from e
 
 
 @dataclass(frozen=True)
