@@ -12,18 +12,21 @@ run_dir="$($PY -c 'import monai_hsrdiff.bundle as b; print(b.default_run_dir("li
 train="['bundles/lidc/train.json','bundles/lidc/demo.json']"
 evaluate="['bundles/lidc/train.json','bundles/lidc/evaluate.json','bundles/lidc/demo.json']"
 
-echo "== 1/3 building the demo data set (SYNTHETIC CT-like images around real LIDC reader contours) in $data_dir"
+echo "== 1/4 building the demo data set (SYNTHETIC CT-like images around real LIDC reader contours) in $data_dir"
 if [ -f "$data_dir/datalist.json" ]; then
     echo "   already there; reusing it"
 else
     $PY -m preprocessing.demo --task lidc --out "$data_dir" --size 64
 fi
 
-echo "== 2/3 training (bundles/lidc/train.json + demo.json) -> $run_dir"
+echo "== 2/4 training (bundles/lidc/train.json + demo.json) -> $run_dir"
 $PY -m monai.bundle run training --config_file "$train"
 
-echo "== 3/3 evaluating the best checkpoint on the demo test split"
+echo "== 3/4 evaluating the best checkpoint on the demo test split"
 $PY -m monai.bundle run evaluating --config_file "$evaluate"
+
+echo "== 4/4 exporting one demo case for 3D Slicer (a SYNTHETIC source volume made from a test item)"
+$PY -m monai_hsrdiff.export.demo_case --task lidc
 
 cat <<MSG
 
