@@ -11,17 +11,26 @@ config keys ``run_dir`` and ``dataset_dir`` override them per run.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib
+import inspect
 import json
 import os
+import pydoc
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "BundleError",
     "bundle_root",
+    "check_config_keys",
+    "check_command_line",
     "default_dataset_dir",
     "default_run_dir",
     "fail",
+    "install_error_hook",
     "repo_root",
     "require_datalist",
 ]
@@ -183,3 +192,258 @@ def report_metrics(evaluator, eval_dir: str) -> dict:
     atomic_write_text(out, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     print(f"[hsrdiff] metrics written to {out}", flush=True)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up checks of the command line: unknown keys, and short messages instead of tracebacks
+# ---------------------------------------------------------------------------------------------
+
+SEP = "#"
+# files in a bundle folder that define keys (all others given in --config_file override them)
+_NOT_DEFINITIONS = ("metadata.json", "demo.json")
+# MONAI's reserved keys inside a component dict
+_RESERVED = {"_target_", "_disabled_", "_requires_", "_desc_", "_mode_"}
+# functions that pass their **kwargs on to a class: check override keys against that class
+_FORWARDS = {"monai_hsrdiff.networks.get_preset": "monai_hsrdiff.networks.HSRDiff"}
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Every config id (``a#b#0#c``) -> its value; a top-level key written as ``a#b`` is that id."""
+    out: dict[str, Any] = {}
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for k, v in items:
+        cid = f"{prefix}{SEP}{k}" if prefix else str(k)
+        out[cid] = v
+        if isinstance(v, (dict, list)):
+            out.update(_flatten(v, cid))
+    return out
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise fail(f"config file {path} cannot be read as JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise fail(f"config file {path} must hold a JSON object (key: value pairs), got {type(doc).__name__}")
+    return doc
+
+
+def _callable_params(target: Any) -> set[str] | None:
+    """Keyword names ``target`` accepts, or None when it takes any (``**kwargs`` we cannot follow)."""
+    if not isinstance(target, str) or target.startswith("$"):
+        return None
+    obj = pydoc.locate(target) if "." in target else None
+    if obj is None and "." not in target:
+        from monai.bundle.config_item import ComponentLocator
+
+        mods = ComponentLocator().get_component_module_name(target)
+        mod = mods[0] if isinstance(mods, list) and mods else mods
+        obj = getattr(importlib.import_module(mod), target, None) if isinstance(mod, str) else None
+    if obj is None:
+        return None
+    names: set[str] = set()
+    # a class with **kwargs passes them to its base classes: follow the MRO until one takes no **kwargs
+    chain = [c.__init__ for c in inspect.getmro(obj) if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
+    if not inspect.isclass(obj) and target in _FORWARDS:
+        chain.append(pydoc.locate(_FORWARDS[target]).__init__)
+    for fn in chain:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return None
+
+
+def _check_key(key: str, known: dict[str, Any]) -> str | None:
+    """None when ``key`` is a valid override id, else the reason (with a "did you mean")."""
+    if key in known or key.startswith("_meta_"):
+        return None
+    parent, _, leaf = key.rpartition(SEP)
+    if parent in known and isinstance(known[parent], dict):
+        pv = known[parent]
+        if "_target_" in pv:
+            if leaf in _RESERVED:
+                return None
+            params = _callable_params(pv["_target_"])
+            if params is None or leaf in params:
+                return None
+            close = difflib.get_close_matches(leaf, sorted(params), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(f'{parent}{SEP}{c}') for c in close)}?" if close else ""
+            return f"{leaf!r} is not an argument of {pv['_target_']} (config item {parent!r}){hint}"
+        if pv and all(isinstance(v, dict) and "_target_" in v for v in pv.values()):
+            return None  # a named collection of components (e.g. additional_metrics): adding one is fine
+    close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+    if not close and SEP not in key:  # a misspelt top-level key: compare with the top-level keys only
+        close = difflib.get_close_matches(key, sorted(k for k in known if SEP not in k), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"{key!r} is not a key of this bundle{hint}"
+
+
+def check_config_keys(
+    overrides: dict[str, str],
+    definition_files: list[str | Path],
+    allowed: tuple[str, ...] = (),
+) -> None:
+    """Stop with a message when an override names a key the bundle does not define.
+
+    MONAI silently adds unknown keys, so a misspelt ``--num_epoch 5`` would otherwise train for
+    the default 500 epochs. A key is valid when it is a config id of a definition file, an
+    argument of the ``_target_`` of its parent component, or a new entry of a named collection
+    of components (e.g. ``validate#evaluator#additional_metrics#val_ged32``).
+
+    Args:
+        overrides: config id -> where it came from (``"the command line"``, a file name).
+        definition_files: the bundle's own config files, whose ids are the valid keys.
+        allowed: further keys to accept (e.g. MONAI's MLflow tracking settings).
+
+    Example::
+
+        check_config_keys({"num_epoch": "the command line"}, ["bundles/lidc/train.json"])
+        # -> ERROR: unknown config key(s): 'num_epoch' ... did you mean 'num_epochs'?
+    """
+    known: dict[str, Any] = {}
+    for f in definition_files:
+        known.update(_flatten(_load_json(Path(f))))
+    problems = []
+    for key, origin in overrides.items():
+        if key in allowed:
+            continue
+        why = _check_key(key, known)
+        if why:
+            problems.append(f"  {why} (from {origin})")
+    if problems:
+        raise fail(
+            "unknown config key(s):\n" + "\n".join(problems) + "\n"
+            "  The keys a run accepts are those of the bundle's own config files "
+            f"({', '.join(sorted({Path(f).name for f in definition_files}))}); see docs/workflows.md."
+        )
+
+
+def _parse_cli(argv: list[str]) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(config files, override key -> "the command line", run() arguments) of a ``monai.bundle run`` argv."""
+    from monai.bundle.scripts import run as bundle_run
+
+    run_args = set(inspect.signature(bundle_run).parameters) - {"override"}
+    params: dict[str, str] = {}
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":  # fire's own flags follow
+            break
+        if tok.startswith("--") and len(tok) > 2:
+            key, eq, value = tok[2:].partition("=")
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            key = key.replace("-", "_")  # fire reads --num-epochs as num_epochs
+            if key in run_args:
+                params[key] = value
+            else:
+                overrides[key] = "the command line"
+        i += 1
+    files = params.get("config_file", "")
+    try:
+        parsed = ast.literal_eval(files) if files.strip().startswith(("[", "(")) else files
+    except (ValueError, SyntaxError) as e:
+        raise fail(f"--config_file {files!r} is neither a path nor a list of paths: {e}") from e
+    config_files = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else [parsed] if parsed else [])]
+    return config_files, overrides, params
+
+
+def check_command_line(task: str, argv: list[str] | None = None) -> None:
+    """Start-up check of a ``python -m monai.bundle run ...`` command; the first ``initialize`` step.
+
+    Installs :func:`install_error_hook` (short messages instead of tracebacks), then checks
+    every key set on the command line and in override files (e.g. ``demo.json``) against the
+    keys defined by the bundle's own config files (all ``bundles/<task>/*.json`` except
+    ``metadata.json`` and ``demo.json``), with a "did you mean" for misspellings.
+
+    Args:
+        task: the bundle's task (``lidc`` or ``ms_lesion``).
+        argv: the command line after the program name; default ``sys.argv[1:]`` when this
+            process is the ``monai.bundle`` command line, else the key check is skipped
+            (a workflow built from Python passes its overrides explicitly).
+    """
+    install_error_hook()
+    if argv is None:
+        if Path(sys.argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
+            return
+        argv = sys.argv[1:]
+    config_files, overrides, params = _parse_cli(argv)
+    bundle_dir = Path(bundle_root(task))
+    definitions = sorted(p for p in bundle_dir.glob("*.json") if p.name not in _NOT_DEFINITIONS)
+    for f in config_files:
+        path = Path(f)
+        if path.resolve() in {d.resolve() for d in definitions}:
+            continue
+        if path.suffix == ".json" and path.is_file():
+            overrides.update({k: str(path) for k in _load_json(path) if k not in overrides})
+    if params.get("args_file"):
+        from monai.bundle import ConfigParser
+
+        args = ConfigParser.load_config_file(params["args_file"])
+        for k in args:
+            if k not in ("run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking"):
+                overrides.setdefault(k, params["args_file"])
+    allowed: tuple[str, ...] = ()
+    if params.get("tracking"):
+        from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+        allowed = tuple(DEFAULT_MLFLOW_SETTINGS["configs"])
+    check_config_keys(overrides, definitions, allowed=allowed)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _is_config_wrapper(exc: BaseException) -> bool:
+    return type(exc) is RuntimeError and str(exc).startswith(("Failed to instantiate", "Failed to evaluate"))
+
+
+def _config_id(tb) -> str | None:
+    """The innermost config item MONAI's resolver was working on when the error was raised."""
+    found = None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_resolve_one_item" and isinstance(frame.f_locals.get("id"), str):
+            found = frame.f_locals["id"]
+        tb = tb.tb_next
+    return found.replace("::", SEP) if found else None  # MONAI's resolver keys ids with "::" internally
+
+
+def _excepthook(exc_type, exc, tb) -> None:
+    chain = _chain(exc)
+    if os.environ.get("HSRDIFF_TRACEBACK") or not any(_is_config_wrapper(e) for e in chain):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    root = next((e for e in reversed(chain) if not _is_config_wrapper(e)), exc)
+    if isinstance(root, BundleError):  # already printed by fail()
+        return
+    from monai_hsrdiff.engines.trainer import NonFiniteLossError
+
+    if isinstance(root, NonFiniteLossError):
+        msg = str(root)
+    else:
+        where = _config_id(tb)
+        msg = f"{type(root).__name__}: {root}" + (f"\n  (while building config item {where!r})" if where else "")
+    print(f"\nERROR: {msg}\n  Set HSRDIFF_TRACEBACK=1 to see the full traceback.\n", file=sys.stderr, flush=True)
+
+
+def install_error_hook() -> None:
+    """Print errors raised inside MONAI's config resolution as one short message, not a traceback.
+
+    MONAI wraps every error of a config item in ``RuntimeError("Failed to instantiate ...")``
+    and the command line prints the whole chain (often 100+ lines); the hook prints the
+    original error's type and message and the config item being built. Other uncaught errors
+    keep Python's normal traceback, and ``HSRDIFF_TRACEBACK=1`` restores it for all.
+    """
+    sys.excepthook = _excepthook

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator
+from monai.utils import convert_to_tensor
 
 from monai_hsrdiff.diffusion import HSRDiffPipeline
 from monai_hsrdiff.metrics import entropy_map
@@ -106,8 +107,9 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         for key in ("image", "masks"):
             if key not in batchdata:
                 raise KeyError(f"HSRDiffEvaluator: batch has no {key!r} (keys: {sorted(batchdata)})")
-        image = torch.as_tensor(batchdata["image"]).to(engine.state.device)
-        masks = torch.as_tensor(batchdata["masks"]).to(engine.state.device)
+        # plain tensors: MetaTensor's __torch_function__ would wrap every op of the sampling loop
+        image = convert_to_tensor(batchdata["image"], track_meta=False).to(engine.state.device)
+        masks = convert_to_tensor(batchdata["masks"], track_meta=False).to(engine.state.device)
         network = getattr(engine.network, "module", engine.network)
         network.eval()
         with torch.inference_mode():

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from monai.engines import SupervisedTrainer
+from monai.utils import convert_to_tensor
 from torch.optim import Optimizer
 
 __all__ = ["HSRDiffTrainer", "NonFiniteLossError"]
@@ -34,13 +35,27 @@ class HSRDiffTrainer(SupervisedTrainer):
         optimizer: e.g. AdamW(lr=1e-4) as in the paper.
         diffusion: the process (:class:`~monai_hsrdiff.diffusion.SelfRegulatedDiffusion`);
             ``diffusion.training_losses(network, x0, condition)`` returns the loss terms.
-        grad_clip_norm: clip the global gradient norm to this value (None: no clipping).
+        grad_clip_norm: clip the global gradient norm to this value (None: no clipping). Off in
+            the paper's setting; 1.0 is a common choice when a run diverges.
+        checkpoint_dir: folder of the run's resume checkpoints; a non-finite loss or gradient
+            stops training with a message naming the newest complete checkpoint in it.
         amp: mixed precision; honoured on CUDA only (CPU autocast changes numerics and is
             slower for this network's fp32 group norms).
         kwargs: passed to ``SupervisedTrainer`` (handlers, epoch_length, ...).
 
     The engine output is a dict with ``loss`` and each term (``loss_eps``, ``loss_x0``,
-    ``loss_u``, ``kappa``) as Python floats, for ``StatsHandler``/``MLFlowHandler``.
+    ``loss_u``, ``kappa``), the learning rate ``lr`` and the gradient norm before clipping
+    ``grad_norm`` (not on the AMP path) as Python floats, for ``StatsHandler``/``MLFlowHandler``.
+
+    A NaN/inf loss, or (without AMP) a NaN/inf gradient norm, raises :class:`NonFiniteLossError`
+    BEFORE the optimizer steps, so the weights (and any checkpoint written later) stay those of
+    the last finite iteration. With AMP, inf gradients are the GradScaler's business (it skips the step).
+
+    Example::
+
+        trainer = HSRDiffTrainer("cpu", max_epochs=1, train_data_loader=loader, network=net,
+                                 optimizer=torch.optim.AdamW(net.parameters(), 1e-4), diffusion=process)
+        trainer.run()
     """
 
     def __init__(
@@ -54,8 +69,11 @@ class HSRDiffTrainer(SupervisedTrainer):
         grad_clip_norm: float | None = None,
         amp: bool = False,
         train_handlers: Sequence | None = None,
+        checkpoint_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if grad_clip_norm is not None and not float(grad_clip_norm) > 0:
+            raise ValueError(f"HSRDiffTrainer: grad_clip_norm must be > 0 or None, got {grad_clip_norm!r}")
         device = torch.device(device)
         super().__init__(
             device=device,
@@ -70,7 +88,30 @@ class HSRDiffTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.diffusion = diffusion
-        self.grad_clip_norm = grad_clip_norm
+        self.grad_clip_norm = None if grad_clip_norm is None else float(grad_clip_norm)
+        self.checkpoint_dir = checkpoint_dir
+
+    def _handle_exception(self, e: BaseException) -> None:
+        # a non-finite loss is explained by its message: skip the EXCEPTION_RAISED handlers
+        # (StatsHandler logs a full traceback there), so the command line ends with the message
+        if isinstance(e, NonFiniteLossError):
+            raise e
+        super()._handle_exception(e)
+
+    def _non_finite(self, engine: HSRDiffTrainer, what: str, terms: dict[str, float]) -> NonFiniteLossError:
+        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        values = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        last = "no checkpoint was written yet"
+        if self.checkpoint_dir:
+            from monai_hsrdiff.handlers.checkpoint import latest_checkpoint
+
+            found = latest_checkpoint(self.checkpoint_dir)
+            last = f"the last good checkpoint is {found[0]}" if found else f"no checkpoint in {self.checkpoint_dir} yet"
+        return NonFiniteLossError(
+            f"non-finite {what} at {where} ({values}). Training stopped before the optimizer step; {last}. "
+            "Lower the learning rate (--learning_rate) or clip gradients (--grad_clip_norm 1.0), "
+            "then continue from the checkpoint with --resume true."
+        )
 
     def _iteration(self, engine: HSRDiffTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -78,35 +119,38 @@ class HSRDiffTrainer(SupervisedTrainer):
         for key in ("image", "label"):
             if key not in batchdata:
                 raise KeyError(f"HSRDiffTrainer: batch has no {key!r} (keys: {sorted(batchdata)})")
-        image = torch.as_tensor(batchdata["image"]).to(engine.state.device, non_blocking=engine.non_blocking)
-        label = torch.as_tensor(batchdata["label"]).to(engine.state.device, non_blocking=engine.non_blocking)
+        # plain tensors: MetaTensor's __torch_function__ would wrap every op of the network
+        image = convert_to_tensor(batchdata["image"], track_meta=False)
+        label = convert_to_tensor(batchdata["label"], track_meta=False)
+        image = image.to(engine.state.device, non_blocking=engine.non_blocking)
+        label = label.to(engine.state.device, non_blocking=engine.non_blocking)
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast("cuda", enabled=engine.amp):
             terms = engine.diffusion.training_losses(engine.network, label, image)
         loss = terms.loss
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in terms.as_dict().items())
-                + ". Training stopped; the last complete checkpoint is left as it was. "
-                "Lower the learning rate or enable gradient clipping (grad_clip_norm)."
-            )
+        out = terms.as_dict()
+        if not math.isfinite(out["loss"]):
+            raise self._non_finite(engine, "loss", out)
         if engine.amp and engine.scaler is not None:
             engine.scaler.scale(loss).backward()
             engine.scaler.unscale_(engine.optimizer)
-            self._clip(engine)
+            if self.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
             loss.backward()
-            self._clip(engine)
+            # the total norm before clipping (max_norm=inf only measures it)
+            norm = float(
+                torch.nn.utils.clip_grad_norm_(
+                    engine.network.parameters(), math.inf if self.grad_clip_norm is None else self.grad_clip_norm
+                )
+            )
+            if not math.isfinite(norm):
+                raise self._non_finite(engine, "gradient", {**out, "grad_norm": norm})
             engine.optimizer.step()
-        out = terms.as_dict()
+            out["grad_norm"] = norm
         out["lr"] = engine.optimizer.param_groups[0]["lr"]
         return out
-
-    def _clip(self, engine: HSRDiffTrainer) -> None:
-        if self.grad_clip_norm is not None and math.isfinite(self.grad_clip_norm):
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
