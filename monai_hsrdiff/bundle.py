@@ -137,6 +137,14 @@ def announce(datalist: str, run_dir: str, network=None) -> None:
     if network is not None:
         n = sum(p.numel() for p in network.parameters())
         print(f"[hsrdiff] network: {type(network).__name__}, {n / 1e6:.2f}M parameters", flush=True)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        print(
+            f"[hsrdiff] distributed: {dist.get_world_size()} processes ({dist.get_backend()}); "
+            "this process (rank 0) writes checkpoints and logs",
+            flush=True,
+        )
     print(f"[hsrdiff] run directory: {run_dir}", flush=True)
 
 
@@ -323,13 +331,15 @@ def check_config_keys(
         )
 
 
-def _parse_cli(argv: list[str]) -> tuple[list[str], dict[str, str], dict[str, str]]:
-    """(config files, override key -> "the command line", run() arguments) of a ``monai.bundle run`` argv."""
+def _parse_cli(argv: list[str]) -> tuple[list[str], dict[str, str], dict[str, str], dict[str, str]]:
+    """(config files, override key -> "the command line", run() arguments, override key -> raw value)
+    of a ``monai.bundle run`` argv."""
     from monai.bundle.scripts import run as bundle_run
 
     run_args = set(inspect.signature(bundle_run).parameters) - {"override"}
     params: dict[str, str] = {}
     overrides: dict[str, str] = {}
+    values: dict[str, str] = {}
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -344,6 +354,7 @@ def _parse_cli(argv: list[str]) -> tuple[list[str], dict[str, str], dict[str, st
                 params[key] = value
             else:
                 overrides[key] = "the command line"
+                values[key] = value
         i += 1
     files = params.get("config_file", "")
     try:
@@ -351,7 +362,21 @@ def _parse_cli(argv: list[str]) -> tuple[list[str], dict[str, str], dict[str, st
     except (ValueError, SyntaxError) as e:
         raise fail(f"--config_file {files!r} is neither a path nor a list of paths: {e}") from e
     config_files = [str(f) for f in (parsed if isinstance(parsed, (list, tuple)) else [parsed] if parsed else [])]
-    return config_files, overrides, params
+    return config_files, overrides, params, values
+
+
+def _check_bool_values(values: dict[str, str], definition_files: list[Path]) -> None:
+    """Boolean keys must get ``True``/``False``: fire passes ``false`` on as the STRING "false",
+    which a config ``if @resume`` would read as true."""
+    known: dict[str, Any] = {}
+    for f in definition_files:
+        known.update(_flatten(_load_json(f)))
+    for key, value in values.items():
+        if isinstance(known.get(key), bool) and value not in ("", "True", "False"):
+            raise fail(
+                f"--{key} {value}: {key!r} is a boolean; write True or False (capitalised). "
+                f"The command line passes {value!r} on as a string, which would count as true."
+            )
 
 
 def check_command_line(task: str, argv: list[str] | None = None) -> None:
@@ -373,7 +398,7 @@ def check_command_line(task: str, argv: list[str] | None = None) -> None:
         if Path(sys.argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
             return
         argv = sys.argv[1:]
-    config_files, overrides, params = _parse_cli(argv)
+    config_files, overrides, params, values = _parse_cli(argv)
     bundle_dir = Path(bundle_root(task))
     definitions = sorted(p for p in bundle_dir.glob("*.json") if p.name not in _NOT_DEFINITIONS)
     for f in config_files:
@@ -395,6 +420,7 @@ def check_command_line(task: str, argv: list[str] | None = None) -> None:
 
         allowed = tuple(DEFAULT_MLFLOW_SETTINGS["configs"])
     check_config_keys(overrides, definitions, allowed=allowed)
+    _check_bool_values(values, definitions)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
