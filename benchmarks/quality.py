@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -62,7 +61,6 @@ from monai_hsrdiff.engines import HSRDiffTrainer  # noqa: E402
 from monai_hsrdiff.engines.evaluator import samples_to_masks  # noqa: E402
 from monai_hsrdiff.metrics import sample_set_metrics  # noqa: E402
 from monai_hsrdiff.networks import get_preset  # noqa: E402
-from monai_hsrdiff.utils import atomic_write_text  # noqa: E402
 
 #: Table 6 rows: key -> (label, network overrides, training-process kwargs, sampling dual_weights by suffix).
 ROWS: dict[str, dict[str, Any]] = {
@@ -103,7 +101,7 @@ def ensure_demo_data(data_dir: Path, size: int, num_items: int) -> Path:
     return data_dir
 
 
-def build_network(row: str, size: int) -> torch.nn.Module:
+def build_network(row: str) -> torch.nn.Module:
     return get_preset("hsrdiff_light", in_channels=1, out_channels=1, **LIGHT_DEMO_NET, **ROWS[row]["net"])
 
 
@@ -114,7 +112,7 @@ def train_row(row: str, seed: int, datalist: Path, iterations: int, batch_size: 
     from ignite.engine import Events
 
     set_determinism(seed)
-    net = build_network(row, 0)
+    net = build_network(row)
     process = SelfRegulatedDiffusion(**ROWS[row]["proc"])
     transforms = train_transforms()
     transforms.set_random_state(seed)

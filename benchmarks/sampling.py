@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -230,103 +229,104 @@ def run(args: argparse.Namespace) -> Path:
                             "parameters": model.num_parameters()}  # fmt: skip
     md: list[str] = []
 
-    # 1. identical outputs of (a) and (b) for the same noise (short run, k steps)
-    sa = literal_algorithm2(model, cond, n, short, torch.Generator().manual_seed(3))
-    sb = pipeline_samples(model, cond, n, DDPMSampler(short), None, torch.Generator().manual_seed(3))
-    diff = float((sa - sb).abs().max())
-    same_masks = float(((sa > 0) == (sb > 0)).float().mean())
-    data["identity"] = {"steps": k, "max_abs_diff": diff, "mask_agreement": same_masks}
-    md.append(f"(a) vs (b), same generator, {k}-step DDPM, N={n}, {size}x{size}: max |a - b| = {diff:.2e}, "
-              f"mask agreement {100 * same_masks:.2f} %.")  # fmt: skip
+    if args.speed:
+        # 1. identical outputs of (a) and (b) for the same noise (short run, k steps)
+        sa = literal_algorithm2(model, cond, n, short, torch.Generator().manual_seed(3))
+        sb = pipeline_samples(model, cond, n, DDPMSampler(short), None, torch.Generator().manual_seed(3))
+        diff = float((sa - sb).abs().max())
+        same_masks = float(((sa > 0) == (sb > 0)).float().mean())
+        data["identity"] = {"steps": k, "max_abs_diff": diff, "mask_agreement": same_masks}
+        md.append(f"(a) vs (b), same generator, {k}-step DDPM, N={n}, {size}x{size}: max |a - b| = {diff:.2e}, "
+                  f"mask agreement {100 * same_masks:.2f} %.")  # fmt: skip
 
-    # 2. (a), (b), (c) per k steps, interleaved
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    fns = {
-        "a": lambda: literal_algorithm2(model, cond, n, short, gen()),
-        "b": lambda: pipeline_samples(model, cond, n, DDPMSampler(short), None, gen()),
-        "c": lambda: pipeline_samples(model, cond, n, DDIMSampler(full), k, gen()),
-    }
-    med = interleaved_medians(fns, repeats=args.repeats, warmup=1)
-    per_step = {key: v / k for key, v in med.items()}
-    totals = {"(a) literal Algorithm 2, 250 steps": per_step["a"] * T, "(b) DDPM pipeline, 250 steps": per_step["b"] * T}
-    for s in args.ddim_steps:
-        totals[f"(c) DDIM pipeline, {s} steps"] = per_step["c"] * s
-    ref = totals["(a) literal Algorithm 2, 250 steps"]
-    rows = [[name, f"{sec:.1f}", f"{ref / sec:.1f}x"] for name, sec in totals.items()]
-    md.append(f"\n### Time per image, N={n} samples, {size}x{size}, hsrdiff_light ({model.num_parameters():,} parameters), "
-              f"{args.threads} threads\n\nExtrapolated from {k} timed steps per variant (median of {args.repeats} "
-              f"interleaved rounds).\n\n" + markdown_table(["variant", "s / image", "speed-up vs (a)"], rows))  # fmt: skip
-    data["per_step_seconds"] = per_step
-    data["seconds_per_image"] = totals
+        # 2. (a), (b), (c) per k steps, interleaved
+        gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        fns = {
+            "a": lambda: literal_algorithm2(model, cond, n, short, gen()),
+            "b": lambda: pipeline_samples(model, cond, n, DDPMSampler(short), None, gen()),
+            "c": lambda: pipeline_samples(model, cond, n, DDIMSampler(full), k, gen()),
+        }
+        med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
+        per_step = {key: v / k for key, v in med.items()}
+        totals = {"(a) literal Algorithm 2, 250 steps": per_step["a"] * T, "(b) DDPM pipeline, 250 steps": per_step["b"] * T}
+        for s in args.ddim_steps:
+            totals[f"(c) DDIM pipeline, {s} steps"] = per_step["c"] * s
+        ref = totals["(a) literal Algorithm 2, 250 steps"]
+        rows = [[name, f"{sec:.1f}", f"{ref / sec:.1f}x"] for name, sec in totals.items()]
+        md.append(f"\n### Time per image, N={n} samples, {size}x{size}, hsrdiff_light ({model.num_parameters():,} parameters), "
+                  f"{args.threads} threads\n\nExtrapolated from {k} timed steps per variant (median of {args.repeats} "
+                  f"interleaved rounds).\n\n" + markdown_table(["variant", "s / image", "speed-up vs (a)"], rows))  # fmt: skip
+        data["per_step_seconds"] = per_step
+        data["seconds_per_image"] = totals
 
-    # 3. CPU options on (b)'s per-step work: batch N with cached features
-    feats = model.encode_condition(cond)
-    feats_n = [f.repeat_interleave(n, 0) for f in feats]
-    x = torch.randn(n, 1, size, size)
-    tb = torch.full((n,), 100, dtype=torch.long)
+        # 3. CPU options on (b)'s per-step work: batch N with cached features
+        feats = model.encode_condition(cond)
+        feats_n = [f.repeat_interleave(n, 0) for f in feats]
+        x = torch.randn(n, 1, size, size)
+        tb = torch.full((n,), 100, dtype=torch.long)
 
-    def step_fn(m, x_, f_, ctx=contextlib.nullcontext):
-        def f():
-            with ctx(), torch.inference_mode():
-                m(x_, tb, condition_features=f_)
+        def step_fn(m, x_, f_, ctx=contextlib.nullcontext):
+            def f():
+                with ctx(), torch.inference_mode():
+                    m(x_, tb, condition_features=f_)
 
-        return f
+            return f
 
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    options: dict[str, Any] = {"fp32 (baseline)": step_fn(model, x, feats_n), "bf16 autocast": step_fn(model, x, feats_n, bf16)}
-    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    feats_cl = [f.contiguous(memory_format=torch.channels_last) for f in feats_n]
-    options["channels_last"] = step_fn(model_cl, x_cl, feats_cl)
-    options["channels_last + bf16"] = step_fn(model_cl, x_cl, feats_cl, bf16)
-    try:
-        vm = _VmapDecoders(model)
-        options["decoders batched (vmap)"] = step_fn(lambda *a, **kw: _forward_vmap_decoders(vm, *a, **kw), x, feats_n)
-    except Exception as e:  # report, do not fail the benchmark
-        data["vmap_error"] = repr(e)
-    compile_seconds = None
-    if args.compile:
+        bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        options: dict[str, Any] = {"fp32 (baseline)": step_fn(model, x, feats_n), "bf16 autocast": step_fn(model, x, feats_n, bf16)}
+        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        feats_cl = [f.contiguous(memory_format=torch.channels_last) for f in feats_n]
+        options["channels_last"] = step_fn(model_cl, x_cl, feats_cl)
+        options["channels_last + bf16"] = step_fn(model_cl, x_cl, feats_cl, bf16)
         try:
-            compiled = torch.compile(model)
-            t0 = time.perf_counter()
-            step_fn(compiled, x, feats_n)()
-            compile_seconds = time.perf_counter() - t0
-            options["torch.compile"] = step_fn(compiled, x, feats_n)
-            options["torch.compile + bf16"] = step_fn(compiled, x, feats_n, bf16)
-            step_fn(compiled, x, feats_n, bf16)()  # compile the bf16 graph outside the timing
-        except Exception as e:
-            data["compile_error"] = repr(e)
-    opt_t = interleaved_medians(options, repeats=args.repeats, warmup=1)
-    torch.set_num_threads(1)
-    one_thread = interleaved_medians({"fp32, 1 thread": options["fp32 (baseline)"]}, repeats=args.repeats, warmup=0)
-    torch.set_num_threads(args.threads)
-    opt_t.update(one_thread)
-    base = opt_t["fp32 (baseline)"]
-    rows = [[name, f"{1e3 * sec:.0f}", f"{base / sec:.2f}x"] for name, sec in opt_t.items()]
-    extra = f" torch.compile's first call (compilation) took {compile_seconds:.0f} s." if compile_seconds else ""
-    md.append(f"\n### One denoising step for N={n} (batched, E_c cached), CPU options\n\nMedian of {args.repeats} "
-              f"interleaved rounds.{extra}\n\n" + markdown_table(["option", "ms / step", "speed vs fp32"], rows))  # fmt: skip
-    data["options_seconds_per_step"] = opt_t
-    data["compile_seconds"] = compile_seconds
+            vm = _VmapDecoders(model)
+            options["decoders batched (vmap)"] = step_fn(lambda *a, **kw: _forward_vmap_decoders(vm, *a, **kw), x, feats_n)
+        except Exception as e:  # report, do not fail the benchmark
+            data["vmap_error"] = repr(e)
+        compile_seconds = None
+        if args.compile:
+            try:
+                compiled = torch.compile(model)
+                t0 = time.perf_counter()
+                step_fn(compiled, x, feats_n)()
+                compile_seconds = time.perf_counter() - t0
+                options["torch.compile"] = step_fn(compiled, x, feats_n)
+                options["torch.compile + bf16"] = step_fn(compiled, x, feats_n, bf16)
+                step_fn(compiled, x, feats_n, bf16)()  # compile the bf16 graph outside the timing
+            except Exception as e:
+                data["compile_error"] = repr(e)
+        opt_t = interleaved_medians(options, repeats=args.repeats, warmup=args.warmup)
+        torch.set_num_threads(1)
+        one_thread = interleaved_medians({"fp32, 1 thread": options["fp32 (baseline)"]}, repeats=args.repeats, warmup=0)
+        torch.set_num_threads(args.threads)
+        opt_t.update(one_thread)
+        base = opt_t["fp32 (baseline)"]
+        rows = [[name, f"{1e3 * sec:.0f}", f"{base / sec:.2f}x"] for name, sec in opt_t.items()]
+        extra = f" torch.compile's first call (compilation) took {compile_seconds:.0f} s." if compile_seconds else ""
+        md.append(f"\n### One denoising step for N={n} (batched, E_c cached), CPU options\n\nMedian of {args.repeats} "
+                  f"interleaved rounds.{extra}\n\n" + markdown_table(["option", "ms / step", "speed vs fp32"], rows))  # fmt: skip
+        data["options_seconds_per_step"] = opt_t
+        data["compile_seconds"] = compile_seconds
 
-    # 4. FLOPs and the machine's matmul limit
-    flops_step = count_flops(lambda: model(x[:1], tb[:1], condition_features=feats))
-    flops_ec = count_flops(lambda: model.encode_condition(cond))
-    mm = args.matmul_size
-    peak32, peak16 = matmul_peak(mm, torch.float32), matmul_peak(mm, torch.bfloat16)
-    achieved32 = flops_step * n / opt_t["fp32 (baseline)"]
-    achieved16 = flops_step * n / opt_t["bf16 autocast"]
-    rows = [
-        ["FLOPs per image-step (network, E_c cached)", f"{flops_step / 1e9:.2f} G"],
-        ["FLOPs of E_c per image (once)", f"{flops_ec / 1e9:.2f} G"],
-        [f"fp32 matmul {mm}x{mm}", f"{peak32 / 1e9:.0f} GFLOP/s"],
-        [f"bf16 matmul {mm}x{mm}", f"{peak16 / 1e9:.0f} GFLOP/s"],
-        ["achieved fp32 (b) step", f"{achieved32 / 1e9:.0f} GFLOP/s ({100 * achieved32 / peak32:.0f} % of fp32 matmul)"],
-        ["achieved bf16-autocast step", f"{achieved16 / 1e9:.0f} GFLOP/s ({100 * achieved16 / peak16:.0f} % of bf16 matmul)"],
-    ]
-    md.append("\n### FLOPs (torch.utils.flop_counter) and achieved rate\n\n" + markdown_table(["quantity", "value"], rows))
-    data["flops"] = {"per_image_step": flops_step, "condition_encoder": flops_ec, "matmul_fp32_flops_per_s": peak32,
-                     "matmul_bf16_flops_per_s": peak16, "achieved_fp32": achieved32, "achieved_bf16": achieved16}  # fmt: skip
+        # 4. FLOPs and the machine's matmul limit
+        flops_step = count_flops(lambda: model(x[:1], tb[:1], condition_features=feats))
+        flops_ec = count_flops(lambda: model.encode_condition(cond))
+        mm = args.matmul_size
+        peak32, peak16 = matmul_peak(mm, torch.float32), matmul_peak(mm, torch.bfloat16)
+        achieved32 = flops_step * n / opt_t["fp32 (baseline)"]
+        achieved16 = flops_step * n / opt_t["bf16 autocast"]
+        rows = [
+            ["FLOPs per image-step (network, E_c cached)", f"{flops_step / 1e9:.2f} G"],
+            ["FLOPs of E_c per image (once)", f"{flops_ec / 1e9:.2f} G"],
+            [f"fp32 matmul {mm}x{mm}", f"{peak32 / 1e9:.0f} GFLOP/s"],
+            [f"bf16 matmul {mm}x{mm}", f"{peak16 / 1e9:.0f} GFLOP/s"],
+            ["achieved fp32 (b) step", f"{achieved32 / 1e9:.0f} GFLOP/s ({100 * achieved32 / peak32:.0f} % of fp32 matmul)"],
+            ["achieved bf16-autocast step", f"{achieved16 / 1e9:.0f} GFLOP/s ({100 * achieved16 / peak16:.0f} % of bf16 matmul)"],
+        ]
+        md.append("\n### FLOPs (torch.utils.flop_counter) and achieved rate\n\n" + markdown_table(["quantity", "value"], rows))
+        data["flops"] = {"per_image_step": flops_step, "condition_encoder": flops_ec, "matmul_fp32_flops_per_s": peak32,
+                         "matmul_bf16_flops_per_s": peak16, "achieved_fp32": achieved32, "achieved_bf16": achieved16}  # fmt: skip
 
     # 5. quality of the fast samplers on a trained checkpoint
     if args.checkpoint:
@@ -349,6 +349,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--timed-steps", type=int, default=4, help="steps timed per variant (then extrapolated)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the speed sections (--no-speed with --checkpoint: only the GED16 comparison)")
     p.add_argument("--ddim-steps", type=int, nargs=3, default=[25, 50, 100])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="try torch.compile")
@@ -361,7 +364,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result stem (default benchmarks/results/sampling_<size>)")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.num_samples, args.timed_steps, args.repeats = 32, 2, 2, 1
+        args.size, args.num_samples, args.timed_steps, args.repeats, args.warmup = 16, 2, 2, 1, 0
         args.compile, args.matmul_size = False, 256
     if args.timed_steps < 2:
         p.error(f"--timed-steps must be >= 2 (a DDPM schedule needs T >= 2), got {args.timed_steps}")

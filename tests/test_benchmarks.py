@@ -1,0 +1,80 @@
+"""The benchmark scripts' ``--quick`` modes, run as a user runs them (a subprocess each).
+
+Only the structure of what they write is checked, plus quantities fixed by construction
+(the no-training reference rows, the identity of the literal Algorithm 2 and the pipeline
+for the same noise); never the timings or the trained models' scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / script
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out), *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("# ") and "Command: `" in md and "--quick" in md and "Machine: date=" in md
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert "--quick" in data["command"] and data["machine"]["torch_threads"] >= 1
+    return {"md": md, "data": data}
+
+
+@pytest.mark.slow
+def test_sampling_quick(tmp_path):
+    r = _run("sampling", tmp_path)
+    data, md = r["data"], r["md"]
+    # (a) literal Algorithm 2 and (b) the pipeline draw the same samples from the same generator
+    assert data["identity"]["max_abs_diff"] < 1e-4
+    assert data["identity"]["mask_agreement"] == 1.0
+    names = list(data["seconds_per_image"])
+    assert names[0].startswith("(a)") and names[1].startswith("(b)") and sum(n.startswith("(c)") for n in names) == 3
+    assert all(math.isfinite(v) and v > 0 for v in data["seconds_per_image"].values())
+    for option in ("fp32 (baseline)", "bf16 autocast", "channels_last", "fp32, 1 thread"):
+        assert option in data["options_seconds_per_step"]
+    assert data["flops"]["per_image_step"] > data["flops"]["condition_encoder"] > 0
+    for heading in ("### Time per image", "### One denoising step", "### FLOPs"):
+        assert heading in md
+    assert "speed-up vs (a)" in md
+
+
+@pytest.mark.slow
+def test_training_quick(tmp_path):
+    r = _run("training", tmp_path)
+    summary = r["data"]["summary"]
+    assert list(summary) == ["hsrdiff_light", "ddpm_light"]
+    for s in summary.values():
+        assert s["iterations_per_s"] > 0 and s["peak_mib"] >= 0 and s["parameters"] > 0
+    assert "| hsrdiff_light |" in r["md"] and "| ddpm_light |" in r["md"] and "1.00x" in r["md"]
+
+
+@pytest.mark.slow
+def test_quality_quick(tmp_path):
+    r = _run("quality", tmp_path, "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"))
+    data, md = r["data"], r["md"]
+    assert data["status"].startswith("complete")
+    rows = {rec["row"] for rec in data["rows"]}
+    # the no-mixing row is sampled from its eps head and, as an extra row, from its x0 head
+    assert rows == {"eps_none", "dual_nomix", "dual_nomix_x0head"}
+    for rec in data["rows"]:
+        assert set(rec) >= {"ged_16", "hm_iou_16", "mdm_16", "seeds"}
+        assert 0.0 <= rec["hm_iou_16"]["mean"] <= 1.0
+    # the annotations scored against themselves: GED 0, perfect matching, by construction
+    ref = data["references"]["ref_annotations"]
+    assert ref == pytest.approx({"ged_16": 0.0, "hm_iou_16": 1.0, "mdm_16": 1.0})
+    assert data["references"]["ref_one_reader"]["mdm_16"] <= 1.0
+    # one line per evaluation in the incremental log, and a checkpoint per trained row
+    lines = (tmp_path / "quality.jsonl").read_text().splitlines()
+    assert [json.loads(line)["row"] for line in lines] == ["eps_none", "dual_nomix", "dual_nomix_x0head"]
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.pt")) == ["dual_nomix_s0.pt", "eps_none_s0.pt"]
+    assert "| eps, no condition | 1 |" in md and "reference: the 4 annotations" in md
