@@ -146,7 +146,7 @@ def tracked(tmp_path_factory) -> dict:
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     dead = f"http://127.0.0.1:{_free_port()}"
     evaluate = _bundle(root, "evaluating", "--eval_num_samples", "32", "--eval_sampling_steps", "2",
-                       "--eval_max_items", "2", "--tracking_uri", dead, "--tracking_fallback_local", "true")  # fmt: skip
+                       "--eval_max_items", "2", "--tracking_uri", dead, "--tracking_fallback_local", "True")  # fmt: skip
     assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
     run_dir = root / "runs" / "lidc_demo"
     client = MlflowClient(local_tracking_uri(run_dir))
@@ -260,7 +260,7 @@ def test_unreachable_store_stops_before_training(tracked) -> None:
     out = _bundle(tracked["root"], "training", "--run_name", "deadstore", "--tracking_uri", dead, timeout=180)
     assert out.returncode == 2
     assert f"ERROR: the MLflow tracking store {dead}" in out.stderr
-    assert "--tracking_fallback_local true" in out.stderr and "Traceback" not in out.stderr
+    assert "--tracking_fallback_local True" in out.stderr and "Traceback" not in out.stderr
     run_dir = tracked["root"] / "runs" / "lidc_deadstore"
     assert not list(run_dir.rglob("*.pt")) and not (run_dir / "mlflow.db").exists()
 

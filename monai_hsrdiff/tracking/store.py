@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,6 +104,37 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return (text[:limit] + " ...") if len(text) > limit else text
 
 
+def _template_db() -> Path:
+    import mlflow
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "monai_hsrdiff"
+    return cache / f"mlflow-{mlflow.__version__}-empty.db"
+
+
+def _seed_sqlite_store(db: Path) -> None:
+    """Create a new local store by copying an empty store of this MLflow version.
+
+    MLflow builds a new SQLite store by running its whole schema migration history (5-15 s on
+    a busy CPU), once per run directory. The empty store is made once by MLflow itself, kept
+    in ``$XDG_CACHE_HOME/monai_hsrdiff`` (default ``~/.cache``), and copied; on any problem
+    MLflow simply creates the store itself.
+    """
+    import mlflow
+
+    from monai_hsrdiff.utils import atomic_path
+
+    template = _template_db()
+    try:
+        if not template.is_file():
+            with atomic_path(template) as tmp:
+                tmp.unlink()
+                mlflow.MlflowClient(tracking_uri="sqlite:///" + tmp.as_posix()).search_experiments(max_results=1)
+        with atomic_path(db) as tmp:
+            shutil.copyfile(template, tmp)
+    except Exception:  # the cache is an optimisation only
+        return
+
+
 def check_tracking_store(uri: str, timeout: float = 10.0) -> None:
     """Raise ``ConnectionError`` when the store at ``uri`` cannot be used.
 
@@ -130,6 +162,8 @@ def check_tracking_store(uri: str, timeout: float = 10.0) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConnectionError(f"cannot create the folder of the SQLite file: {e}") from e
+        if not db.exists():
+            _seed_sqlite_store(db)
         if db.is_file() and db.stat().st_size > 0:
             with db.open("rb") as f:
                 if f.read(16) != b"SQLite format 3\x00":
@@ -199,8 +233,8 @@ def resolve_tracking_store(
             raise fail(
                 f"the MLflow tracking store {uri} (from {where}) cannot be reached: {e}.\n"
                 f"  Start the server or correct the URI, or\n"
-                f"  log to this run's local store instead: --tracking_fallback_local true  ({local_uri}), or\n"
-                f"  run without tracking: --tracking_enabled false"
+                f"  log to this run's local store instead: --tracking_fallback_local True  ({local_uri}), or\n"
+                f"  run without tracking: --tracking_enabled False"
             ) from e
         msg = (
             f"the MLflow tracking store {uri} (from {where}) cannot be reached ({e}); "
