@@ -349,3 +349,34 @@ def test_figures_check_their_inputs() -> None:
         sample_grid_figure(z(2, 1, 8, 8), z(3, 4, 8, 8), z(2, 16, 8, 8), z(2, 8, 8), z(2, 8, 8))
     fig = sample_grid_figure(z(2, 1, 8, 8), z(2, 4, 8, 8), z(2, 16, 8, 8), z(2, 8, 8), z(2, 8, 8), num_samples=3)
     assert len(fig.axes) == 2 * (1 + 4 + 3 + 2)
+
+
+CRASH_SCRIPT = """
+import sys
+from ignite.engine import Engine
+from monai_hsrdiff.tracking import HSRDiffMLFlowHandler, scalar_output
+
+def step(engine, batch):
+    if engine.state.iteration == 3:
+        raise RuntimeError("simulated crash in iteration 3")
+    return {"loss": 1.0 / engine.state.iteration}
+
+trainer = Engine(step)
+HSRDiffMLFlowHandler(sys.argv[1], role="training", tracking_uri=sys.argv[2], experiment_name="crash",
+                     output_transform=scalar_output(["loss"])).attach(trainer)
+trainer.run(range(5), max_epochs=1)
+"""
+
+
+def test_crashed_training_run_is_marked_failed(tracked, tmp_path: Path) -> None:
+    """A training that dies with an exception leaves its run FAILED (exit hook), not RUNNING."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(tracked["run_dir"] / "mlflow.db", db)
+    uri = f"sqlite:///{db}"
+    out = subprocess.run([PY, "-c", CRASH_SCRIPT, str(tmp_path / "run"), uri], cwd=REPO, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode != 0 and "simulated crash in iteration 3" in out.stderr
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("crash").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)] == [1.0, 0.5]
