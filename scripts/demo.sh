@@ -28,10 +28,14 @@ $PY -m monai.bundle run evaluating --config_file "$evaluate"
 echo "== 4/4 exporting one demo case for 3D Slicer (a SYNTHETIC source volume made from a test item)"
 $PY -m monai_hsrdiff.export.demo_case --task lidc
 
+ui="$($PY -c 'import sys, monai_hsrdiff.tracking as t; print(t.ui_command(sys.argv[1]))' "$run_dir")"
 cat <<MSG
 
 Done. Everything below is from SYNTHETIC demo images: the numbers say the pipeline works,
 not how HSRDiff does on real CT (see bundles/lidc/docs/README.md for the real-data recipe).
   checkpoints : $run_dir/checkpoints/ (model.pt = best GED16 on validation)
   metrics     : $run_dir/eval/metrics.json
+  3D Slicer   : drag the files of the folder printed in step 4 into Slicer (docs/slicer.md)
+  MLflow UI   : $ui
+                then open http://127.0.0.1:5000 (experiment hsrdiff_lidc; docs/tracking.md)
 MSG
