@@ -24,11 +24,19 @@ DEMO_SIZE = 32
 DEMO_ITEMS = 24
 
 # Overrides that make any bundle run tiny: 32x32 images, a 3-level net of width 8/16/32,
-# T=50, 3 training iterations per epoch, 2 validation items with 2 DDIM steps.
-TINY = [
+# T=50, 3 training iterations per epoch, 2 validation items with 2 DDIM steps, no MLflow.
+TINY_NET = [
     "--image_size", str(DEMO_SIZE),
+    "--preset", "hsrdiff_light",
     "--network_def#channels", "[8,16,32]",
+    "--network_def#attention_levels", "[False,False,True]",
+    "--network_def#norm_num_groups", "8",
+    "--network_def#num_res_blocks", "1",
     "--num_train_timesteps", "50",
+    "--tracking_enabled", "False",  # MLflow has its own tests (test_mlflow.py); it costs seconds per run
+]  # fmt: skip
+TINY = [
+    *TINY_NET,
     "--batch_size", "8",
     "--num_workers", "0",
     "--num_epochs", "1",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, bundle_files
+from conftest import REPO, TINY, TINY_NET, bundle_files
 from monai.bundle import ConfigParser
 
 from monai_hsrdiff.diffusion import HSRDiffPipeline, get_sampler
@@ -139,7 +139,7 @@ def test_train_then_evaluate(task: str, run_bundle, bundle_env, demo_data: Path,
         [
             "run", "evaluating",
             "--config_file", bundle_files(task, "train", "evaluate", "demo"),
-            *TINY[:6],
+            *TINY_NET,
             "--eval_num_samples", "32", "--eval_sampler", "ddim",
             "--eval_sampling_steps", "2", "--eval_max_items", "2",
         ],

@@ -19,10 +19,12 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 from monai.handlers import CheckpointLoader
 
-__all__ = ["ResumeCheckpointer", "latest_checkpoint", "resume_from_latest"]
+__all__ = ["ResumeCheckpointer", "latest_checkpoint", "require_fresh_run", "resume_from_latest"]
 
 PREFIX = "resume"
 _STEP = re.compile(rf"^{PREFIX}_checkpoint_(\d+)\.pt$")
+# what DiskSaver(atomic=True) leaves when killed mid-write: tempfile.NamedTemporaryFile's name, never renamed
+_PARTIAL = re.compile(r"^tmp[a-z0-9_]{8}$")
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,33 @@ def resume_from_latest(engine: Engine, save_dir: str, load_dict: dict[str, Any])
         logger.info("resume: no checkpoint in %s, starting from scratch", save_dir)
         print(f"[resume] no checkpoint in {save_dir}; starting from scratch", flush=True)
         return None
-    path, _ = found
-    print(f"[resume] resuming from {path}", flush=True)
+    path, obj = found
+    for partial in sorted(p for p in Path(save_dir).iterdir() if _PARTIAL.match(p.name)):
+        print(f"[resume] removing {partial}: a checkpoint write interrupted before its rename", flush=True)
+        partial.unlink()
+    state = obj.get("trainer", {}) if isinstance(obj, dict) else {}
+    print(
+        f"[resume] resuming from {path} (trainer iteration {state.get('iteration', '?')}, "
+        f"{state.get('epoch_length', '?')} iterations per epoch)",
+        flush=True,
+    )
     CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location="cpu").attach(engine)
     return str(path)
+
+
+def require_fresh_run(save_dir: str | Path) -> None:
+    """Stop a run that does NOT resume when ``save_dir`` already holds resume checkpoints.
+
+    A fresh run there would overwrite the earlier run's best ``model.pt`` and mix its own
+    checkpoints with the older (possibly newer-numbered) ones that a later ``--resume True``
+    would pick up. The message offers the three ways on.
+    """
+    from monai_hsrdiff.bundle import fail
+
+    found = _candidates(Path(save_dir)) if Path(save_dir).is_dir() else []
+    if found:
+        raise fail(
+            f"{save_dir} already holds checkpoints of an earlier run (newest: {found[0][1].name}).\n"
+            "  Continue that run with --resume True, start a separate run with --run_name NAME,\n"
+            f"  or delete {Path(save_dir).parent} to start this one from scratch."
+        )
