@@ -33,6 +33,7 @@ __all__ = [
     "install_error_hook",
     "repo_root",
     "require_datalist",
+    "require_writable",
 ]
 
 TASKS = ("lidc", "ms_lesion")
@@ -122,8 +123,28 @@ def require_datalist(dataset_dir: str, task: str, splits: list[str] | tuple[str,
     return str(path)
 
 
+def require_writable(folder: str | Path, key: str = "run_dir") -> None:
+    """Stop unless ``folder`` can be created/written: its nearest existing ancestor must be a
+    writable directory. Creates nothing, so a refused run leaves the disk as it was."""
+    path = Path(folder).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise fail(
+            f"cannot write the {key} {path}: {probe} is a file, not a folder. "
+            f"Choose another folder with --{key} DIR (or move HSRDIFF_RUN_ROOT)."
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise fail(f"cannot write the {key} {path}: no write permission on {probe}. Choose another folder with --{key} DIR.")
+
+
 def announce(datalist: str, run_dir: str, network=None) -> None:
-    """Print what this run uses: data set (and whether its images are SYNTHETIC), run folder, model size."""
+    """Print what this run uses: data set (and whether its images are SYNTHETIC), run folder, model size.
+
+    Also checks that the run folder can be written (:func:`require_writable`), before any work.
+    """
+    require_writable(run_dir)
     doc = json.loads(Path(datalist).read_text())
     print(f"[hsrdiff] data: {doc.get('name', '?')} from {datalist}", flush=True)
     if doc.get("synthetic"):
