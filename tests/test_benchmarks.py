@@ -78,3 +78,33 @@ def test_quality_quick(tmp_path):
     assert [json.loads(line)["row"] for line in lines] == ["eps_none", "dual_nomix", "dual_nomix_x0head"]
     assert sorted(p.name for p in (tmp_path / "work").glob("*.pt")) == ["dual_nomix_s0.pt", "eps_none_s0.pt"]
     assert "| eps, no condition | 1 |" in md and "reference: the 4 annotations" in md
+
+
+def test_pipeline_autocast_dtype():
+    """The opt-in bf16 autocast of HSRDiffPipeline (added for the sampling benchmark)."""
+    import torch
+
+    from monai_hsrdiff.diffusion import DDIMSampler, HSRDiffPipeline, SelfRegulatedDiffusion
+    from monai_hsrdiff.networks import get_preset
+
+    torch.manual_seed(0)
+    net = get_preset("hsrdiff_light", channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+                     norm_num_groups=4, num_head_channels=8).eval()  # fmt: skip
+    cond = torch.randn(2, 1, 16, 16)
+    sampler = DDIMSampler(SelfRegulatedDiffusion())
+
+    def draw(dtype):
+        gen = torch.Generator().manual_seed(5)
+        return HSRDiffPipeline(net, sampler, autocast_dtype=dtype)(cond, num_samples=3, num_inference_steps=3,
+                                                                   generator=gen)  # fmt: skip
+
+    ref = HSRDiffPipeline(net, sampler)(cond, num_samples=3, num_inference_steps=3, generator=torch.Generator().manual_seed(5))
+    fp32, bf16 = draw(None), draw(torch.bfloat16)
+    assert torch.equal(fp32.samples, ref.samples)  # None is the reference path, bit for bit
+    assert bf16.samples.dtype == torch.float32 and bf16.kappa.dtype == torch.float32
+    assert not torch.equal(bf16.samples, fp32.samples)  # the network really ran in bf16
+    # bf16 keeps ~3 significant digits: a few per cent of the (untrained, large) sample range
+    assert (bf16.samples - fp32.samples).abs().max() < 0.05 * fp32.samples.abs().max()
+    assert (bf16.kappa - fp32.kappa).abs().max() < 0.02
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        HSRDiffPipeline(net, sampler, autocast_dtype=torch.int8)
