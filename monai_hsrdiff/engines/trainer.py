@@ -110,7 +110,7 @@ class HSRDiffTrainer(SupervisedTrainer):
         return NonFiniteLossError(
             f"non-finite {what} at {where} ({values}). Training stopped before the optimizer step; {last}. "
             "Lower the learning rate (--learning_rate) or clip gradients (--grad_clip_norm 1.0), "
-            "then continue from the checkpoint with --resume true."
+            "then continue from the checkpoint with --resume True."
         )
 
     def _iteration(self, engine: HSRDiffTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
