@@ -198,9 +198,8 @@ def ged_check(args, rows: list, data: dict) -> None:
     res = {}
     for name, smp, steps, bf16 in variants:
         t0 = time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with ctx, torch.inference_mode():
-            out = HSRDiffPipeline(net, smp)(images, num_samples=16, num_inference_steps=steps,
+        with torch.inference_mode():
+            out = HSRDiffPipeline(net, smp, autocast_dtype=torch.bfloat16 if bf16 else None)(images, num_samples=16, num_inference_steps=steps,
                                            generator=torch.Generator().manual_seed(7), max_batch_size=256)  # fmt: skip
         r = score(samples_to_masks(out.samples.float()).numpy(), masks)
         r["seconds"] = time.perf_counter() - t0
@@ -241,13 +240,15 @@ def run(args: argparse.Namespace) -> Path:
 
         # 2. (a), (b), (c) per k steps, interleaved
         gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        na = min(args.literal_samples or n, n)  # (a) is one sample at a time: its cost is exactly linear in N
         fns = {
-            "a": lambda: literal_algorithm2(model, cond, n, short, gen()),
+            "a": lambda: literal_algorithm2(model, cond, na, short, gen()),
             "b": lambda: pipeline_samples(model, cond, n, DDPMSampler(short), None, gen()),
             "c": lambda: pipeline_samples(model, cond, n, DDIMSampler(full), k, gen()),
         }
         med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
         per_step = {key: v / k for key, v in med.items()}
+        per_step["a"] *= n / na
         totals = {"(a) literal Algorithm 2, 250 steps": per_step["a"] * T, "(b) DDPM pipeline, 250 steps": per_step["b"] * T}
         for s in args.ddim_steps:
             totals[f"(c) DDIM pipeline, {s} steps"] = per_step["c"] * s
@@ -255,9 +256,11 @@ def run(args: argparse.Namespace) -> Path:
         rows = [[name, f"{sec:.1f}", f"{ref / sec:.1f}x"] for name, sec in totals.items()]
         md.append(f"\n### Time per image, N={n} samples, {size}x{size}, hsrdiff_light ({model.num_parameters():,} parameters), "
                   f"{args.threads} threads\n\nExtrapolated from {k} timed steps per variant (median of {args.repeats} "
-                  f"interleaved rounds).\n\n" + markdown_table(["variant", "s / image", "speed-up vs (a)"], rows))  # fmt: skip
+                  f"interleaved rounds); (a) timed on {na} of the {n} samples and scaled by {n}/{na}.\n\n" + markdown_table(["variant", "s / image", "speed-up vs (a)"], rows))  # fmt: skip
         data["per_step_seconds"] = per_step
         data["seconds_per_image"] = totals
+        write_results(args.out, "HSRDiff sampling speed (partial)", "\n".join(md), data)
+        print(md[-1], flush=True)
 
         # 3. CPU options on (b)'s per-step work: batch N with cached features
         feats = model.encode_condition(cond)
@@ -296,18 +299,30 @@ def run(args: argparse.Namespace) -> Path:
                 step_fn(compiled, x, feats_n, bf16)()  # compile the bf16 graph outside the timing
             except Exception as e:
                 data["compile_error"] = repr(e)
+        failed = {}
+        for name in list(options):
+            try:
+                options[name]()  # first call outside the timing; an option that does not run is reported
+            except Exception as e:  # noqa: BLE001
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                del options[name]
+        data["options_failed"] = failed
         opt_t = interleaved_medians(options, repeats=args.repeats, warmup=args.warmup)
-        torch.set_num_threads(1)
-        one_thread = interleaved_medians({"fp32, 1 thread": options["fp32 (baseline)"]}, repeats=args.repeats, warmup=0)
+        alt = 1 if args.threads != 1 else 2
+        torch.set_num_threads(alt)
+        alt_t = interleaved_medians({f"fp32, {alt} thread(s)": options["fp32 (baseline)"]}, repeats=args.repeats, warmup=1)
         torch.set_num_threads(args.threads)
-        opt_t.update(one_thread)
+        opt_t.update(alt_t)
         base = opt_t["fp32 (baseline)"]
         rows = [[name, f"{1e3 * sec:.0f}", f"{base / sec:.2f}x"] for name, sec in opt_t.items()]
         extra = f" torch.compile's first call (compilation) took {compile_seconds:.0f} s." if compile_seconds else ""
+        extra += "".join(f" Did not run: {k} ({v})." for k, v in failed.items())
         md.append(f"\n### One denoising step for N={n} (batched, E_c cached), CPU options\n\nMedian of {args.repeats} "
                   f"interleaved rounds.{extra}\n\n" + markdown_table(["option", "ms / step", "speed vs fp32"], rows))  # fmt: skip
         data["options_seconds_per_step"] = opt_t
         data["compile_seconds"] = compile_seconds
+        write_results(args.out, "HSRDiff sampling speed (partial)", "\n".join(md), data)
+        print(md[-1], flush=True)
 
         # 4. FLOPs and the machine's matmul limit
         flops_step = count_flops(lambda: model(x[:1], tb[:1], condition_features=feats))
@@ -349,6 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--timed-steps", type=int, default=4, help="steps timed per variant (then extrapolated)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--literal-samples", type=int, default=4,
+                   help="samples actually run for (a)'s timing (it runs one at a time; scaled to N)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                    help="run the speed sections (--no-speed with --checkpoint: only the GED16 comparison)")

@@ -133,6 +133,7 @@ def worker(name: str, size: int, batch: int, iterations: int, warmup: int, devic
 
 
 def run(args: argparse.Namespace) -> Path:
+    torch.set_num_threads(args.threads)  # recorded in machine_info; the workers set their own
     per_model: dict[str, list[dict]] = {m: [] for m in args.models}
     for _ in range(args.rounds):
         for name in args.models:

@@ -40,7 +40,7 @@ def test_sampling_quick(tmp_path):
     names = list(data["seconds_per_image"])
     assert names[0].startswith("(a)") and names[1].startswith("(b)") and sum(n.startswith("(c)") for n in names) == 3
     assert all(math.isfinite(v) and v > 0 for v in data["seconds_per_image"].values())
-    for option in ("fp32 (baseline)", "bf16 autocast", "channels_last", "fp32, 1 thread"):
+    for option in ("fp32 (baseline)", "bf16 autocast", "channels_last", "fp32, 1 thread(s)"):
         assert option in data["options_seconds_per_step"]
     assert data["flops"]["per_image_step"] > data["flops"]["condition_encoder"] > 0
     for heading in ("### Time per image", "### One denoising step", "### FLOPs"):
