@@ -355,9 +355,13 @@ def check_config_keys(
 def _parse_cli(argv: list[str]) -> tuple[list[str], dict[str, str], dict[str, str], dict[str, str]]:
     """(config files, override key -> "the command line", run() arguments, override key -> raw value)
     of a ``monai.bundle run`` argv."""
+    from monai.bundle import ConfigWorkflow
     from monai.bundle.scripts import run as bundle_run
 
-    run_args = set(inspect.signature(bundle_run).parameters) - {"override"}
+    # arguments of `run` and of the workflow it builds (e.g. --workflow_type) are not config keys
+    run_args = set(inspect.signature(bundle_run).parameters) | set(inspect.signature(ConfigWorkflow.__init__).parameters)
+    run_args -= {"self", "override"}
+    run_args.add("workflow_name")
     params: dict[str, str] = {}
     overrides: dict[str, str] = {}
     values: dict[str, str] = {}
