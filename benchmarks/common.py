@@ -118,7 +118,7 @@ def write_results(stem: str | os.PathLike, title: str, tables_md: str, data: dic
     """Write ``<stem>.md`` (human table with command, machine, date) and ``<stem>.json`` atomically.
 
     Args:
-        stem: output path without suffix; a relative path is taken under ``benchmarks/results``.
+        stem: output path without suffix (relative paths are relative to the working directory).
         title: the markdown heading.
         tables_md: the markdown body (tables).
         data: everything measured, for ``<stem>.json``; the command and machine are added.
@@ -128,8 +128,6 @@ def write_results(stem: str | os.PathLike, title: str, tables_md: str, data: dic
         The markdown path.
     """
     stem = Path(stem)
-    if not stem.is_absolute():
-        stem = RESULTS_DIR / stem
     data = {"command": data.get("command", command_line()), "machine": data.get("machine", machine_info()), **data}
     machine = "; ".join(f"{k}={v}" for k, v in data["machine"].items())
     md = (

@@ -229,38 +229,39 @@ def run(args: argparse.Namespace) -> Path:
     md: list[str] = []
 
     if args.speed:
-        # 1. identical outputs of (a) and (b) for the same noise (short run, k steps)
-        sa = literal_algorithm2(model, cond, n, short, torch.Generator().manual_seed(3))
-        sb = pipeline_samples(model, cond, n, DDPMSampler(short), None, torch.Generator().manual_seed(3))
-        diff = float((sa - sb).abs().max())
-        same_masks = float(((sa > 0) == (sb > 0)).float().mean())
-        data["identity"] = {"steps": k, "max_abs_diff": diff, "mask_agreement": same_masks}
-        md.append(f"(a) vs (b), same generator, {k}-step DDPM, N={n}, {size}x{size}: max |a - b| = {diff:.2e}, "
-                  f"mask agreement {100 * same_masks:.2f} %.")  # fmt: skip
+        if args.main:
+            # 1. identical outputs of (a) and (b) for the same noise (short run, k steps)
+            sa = literal_algorithm2(model, cond, n, short, torch.Generator().manual_seed(3))
+            sb = pipeline_samples(model, cond, n, DDPMSampler(short), None, torch.Generator().manual_seed(3))
+            diff = float((sa - sb).abs().max())
+            same_masks = float(((sa > 0) == (sb > 0)).float().mean())
+            data["identity"] = {"steps": k, "max_abs_diff": diff, "mask_agreement": same_masks}
+            md.append(f"(a) vs (b), same generator, {k}-step DDPM, N={n}, {size}x{size}: max |a - b| = {diff:.2e}, "
+                      f"mask agreement {100 * same_masks:.2f} %.")  # fmt: skip
 
-        # 2. (a), (b), (c) per k steps, interleaved
-        gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-        na = min(args.literal_samples or n, n)  # (a) is one sample at a time: its cost is exactly linear in N
-        fns = {
-            "a": lambda: literal_algorithm2(model, cond, na, short, gen()),
-            "b": lambda: pipeline_samples(model, cond, n, DDPMSampler(short), None, gen()),
-            "c": lambda: pipeline_samples(model, cond, n, DDIMSampler(full), k, gen()),
-        }
-        med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
-        per_step = {key: v / k for key, v in med.items()}
-        per_step["a"] *= n / na
-        totals = {"(a) literal Algorithm 2, 250 steps": per_step["a"] * T, "(b) DDPM pipeline, 250 steps": per_step["b"] * T}
-        for s in args.ddim_steps:
-            totals[f"(c) DDIM pipeline, {s} steps"] = per_step["c"] * s
-        ref = totals["(a) literal Algorithm 2, 250 steps"]
-        rows = [[name, f"{sec:.1f}", f"{ref / sec:.1f}x"] for name, sec in totals.items()]
-        md.append(f"\n### Time per image, N={n} samples, {size}x{size}, hsrdiff_light ({model.num_parameters():,} parameters), "
-                  f"{args.threads} threads\n\nExtrapolated from {k} timed steps per variant (median of {args.repeats} "
-                  f"interleaved rounds); (a) timed on {na} of the {n} samples and scaled by {n}/{na}.\n\n" + markdown_table(["variant", "s / image", "speed-up vs (a)"], rows))  # fmt: skip
-        data["per_step_seconds"] = per_step
-        data["seconds_per_image"] = totals
-        write_results(args.out, "HSRDiff sampling speed (partial)", "\n".join(md), data)
-        print(md[-1], flush=True)
+            # 2. (a), (b), (c) per k steps, interleaved
+            gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+            na = min(args.literal_samples or n, n)  # (a) is one sample at a time: its cost is exactly linear in N
+            fns = {
+                "a": lambda: literal_algorithm2(model, cond, na, short, gen()),
+                "b": lambda: pipeline_samples(model, cond, n, DDPMSampler(short), None, gen()),
+                "c": lambda: pipeline_samples(model, cond, n, DDIMSampler(full), k, gen()),
+            }
+            med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
+            per_step = {key: v / k for key, v in med.items()}
+            per_step["a"] *= n / na
+            totals = {"(a) literal Algorithm 2, 250 steps": per_step["a"] * T, "(b) DDPM pipeline, 250 steps": per_step["b"] * T}
+            for s in args.ddim_steps:
+                totals[f"(c) DDIM pipeline, {s} steps"] = per_step["c"] * s
+            ref = totals["(a) literal Algorithm 2, 250 steps"]
+            rows = [[name, f"{sec:.1f}", f"{ref / sec:.1f}x"] for name, sec in totals.items()]
+            md.append(f"\n### Time per image, N={n} samples, {size}x{size}, hsrdiff_light ({model.num_parameters():,} parameters), "
+                      f"{args.threads} threads\n\nExtrapolated from {k} timed steps per variant (median of {args.repeats} "
+                      f"interleaved rounds); (a) timed on {na} of the {n} samples and scaled by {n}/{na}.\n\n" + markdown_table(["variant", "s / image", "speed-up vs (a)"], rows))  # fmt: skip
+            data["per_step_seconds"] = per_step
+            data["seconds_per_image"] = totals
+            write_results(args.out, "HSRDiff sampling speed (partial)", "\n".join(md), data)
+            print(md[-1], flush=True)
 
         # 3. CPU options on (b)'s per-step work: batch N with cached features
         feats = model.encode_condition(cond)
@@ -280,6 +281,13 @@ def run(args: argparse.Namespace) -> Path:
         model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         feats_cl = [f.contiguous(memory_format=torch.channels_last) for f in feats_n]
+        for c in args.chunks:  # the pipeline's max_batch_size: N/c network calls of c items per step
+            def chunked(c=c):
+                with torch.inference_mode():
+                    for i in range(0, n, c):
+                        model(x[i : i + c], tb[i : i + c], condition_features=[f[i : i + c] for f in feats_n])
+
+            options[f"max_batch_size={c} ({n // c} calls of {c})"] = chunked
         options["channels_last"] = step_fn(model_cl, x_cl, feats_cl)
         options["channels_last + bf16"] = step_fn(model_cl, x_cl, feats_cl, bf16)
         try:
@@ -308,11 +316,12 @@ def run(args: argparse.Namespace) -> Path:
                 del options[name]
         data["options_failed"] = failed
         opt_t = interleaved_medians(options, repeats=args.repeats, warmup=args.warmup)
-        alt = 1 if args.threads != 1 else 2
-        torch.set_num_threads(alt)
-        alt_t = interleaved_medians({f"fp32, {alt} thread(s)": options["fp32 (baseline)"]}, repeats=args.repeats, warmup=1)
-        torch.set_num_threads(args.threads)
-        opt_t.update(alt_t)
+        if args.alt_threads:
+            alt = 1 if args.threads != 1 else 2
+            torch.set_num_threads(alt)
+            alt_t = interleaved_medians({f"fp32, {alt} thread(s)": options["fp32 (baseline)"]}, repeats=args.repeats, warmup=1)
+            torch.set_num_threads(args.threads)
+            opt_t.update(alt_t)
         base = opt_t["fp32 (baseline)"]
         rows = [[name, f"{1e3 * sec:.0f}", f"{base / sec:.2f}x"] for name, sec in opt_t.items()]
         extra = f" torch.compile's first call (compilation) took {compile_seconds:.0f} s." if compile_seconds else ""
@@ -364,6 +373,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--timed-steps", type=int, default=4, help="steps timed per variant (then extrapolated)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--main", action=argparse.BooleanOptionalAction, default=True,
+                   help="the (a)/(b)/(c) identity check and time-per-image table")
+    p.add_argument("--chunks", type=int, nargs="*", default=[1, 4], help="max_batch_size values timed as options")
+    p.add_argument("--alt-threads", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the baseline step with the other thread count (1 <-> 2)")
     p.add_argument("--literal-samples", type=int, default=4,
                    help="samples actually run for (a)'s timing (it runs one at a time; scaled to N)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
