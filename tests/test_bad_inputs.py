@@ -108,7 +108,8 @@ def test_datalist_with_missing_item(run_bundle, data_copy: Path, runs: Path) -> 
     gone.unlink()
     before = _snapshot(data_copy)
     res = run_bundle([*TRAIN, "--dataset_dir", str(data_copy)])
-    _refused(res, str(data_copy / "datalist.json"), "item file(s) of split 'training' are missing", doc["training"][3]["item"])
+    missing = doc["training"][3]["item"]
+    _refused(res, str(data_copy / "datalist.json"), "item file(s) of split 'training' are missing", missing)
     assert _snapshot(data_copy) == before and not runs.exists()
 
 

@@ -23,7 +23,9 @@ from monai_hsrdiff.networks import get_preset
 
 
 def _net() -> torch.nn.Module:
-    return get_preset("hsrdiff_light", channels=[8, 16, 32], attention_levels=[False, False, True], norm_num_groups=8, num_res_blocks=1)
+    return get_preset(
+        "hsrdiff_light", channels=[8, 16, 32], attention_levels=[False, False, True], norm_num_groups=8, num_res_blocks=1
+    )
 
 
 def _batches(n: int = 2, b: int = 4, size: int = 16) -> list[dict]:
@@ -190,4 +192,5 @@ def test_killed_demo_build_leaves_nothing_finished(demo_data: Path, tmp_path: Pa
         if rel.suffix == ".npz":
             x, y = load_item(out / rel), load_item(ref / rel)
             assert all(x[k].tobytes() == y[k].tobytes() for k in ("image", "masks")), rel
-    assert json.loads((out / "datalist.json").read_text())["training"] == json.loads((ref / "datalist.json").read_text())["training"]
+    splits = [json.loads((d / "datalist.json").read_text()) for d in (out, ref)]
+    assert all(splits[0][k] == splits[1][k] for k in ("training", "validation", "test"))

@@ -8,10 +8,11 @@ label and computes L = λ1·L_d + λ2·L_u (steps 2-4); the optimizer takes one 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from monai.engines import SupervisedTrainer
 from monai.utils import convert_to_tensor
 from torch.optim import Optimizer
@@ -113,6 +114,18 @@ class HSRDiffTrainer(SupervisedTrainer):
             "then continue from the checkpoint with --resume True."
         )
 
+    @staticmethod
+    def _all_finite(value: float, device: torch.device) -> bool:
+        # under DDP every process must stop together: a process that stopped alone would leave
+        # the others waiting in the gradient all-reduce (the gradient check needs no vote: DDP
+        # has averaged the gradients, so every process sees the same norm)
+        finite = math.isfinite(value)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if finite else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item() > 0)
+        return finite
+
     def _iteration(self, engine: HSRDiffTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
             raise ValueError("HSRDiffTrainer: the data loader yielded None")
@@ -131,8 +144,8 @@ class HSRDiffTrainer(SupervisedTrainer):
             terms = engine.diffusion.training_losses(engine.network, label, image)
         loss = terms.loss
         out = terms.as_dict()
-        if not math.isfinite(out["loss"]):
-            raise self._non_finite(engine, "loss", out)
+        if not self._all_finite(out["loss"], loss.device):
+            raise self._non_finite(engine, "loss" if not math.isfinite(out["loss"]) else "loss in another process", out)
         if engine.amp and engine.scaler is not None:
             engine.scaler.scale(loss).backward()
             engine.scaler.unscale_(engine.optimizer)

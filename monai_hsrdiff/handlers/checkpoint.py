@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
 __all__ = ["ResumeCheckpointer", "latest_checkpoint", "require_fresh_run", "resume_from_latest"]
