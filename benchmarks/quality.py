@@ -29,9 +29,10 @@ run the table (``<out>.md``, ``<out>.json``) is rewritten and the run appended t
 Checkpoints go to ``<work>/<row>_s<seed>.pt`` ({"config", "state_dict"}), for
 ``benchmarks/sampling.py --checkpoint``.
 
-Run (full, ~1 h on 2 CPU cores)::
+Run (the defaults: 32x32, 250 iterations of batch 16, 2 seeds; ~3-4 min per row on a shared
+2-core machine with 1 thread, ~45 min in all)::
 
-    python benchmarks/quality.py --size 32 --iterations 400 --seeds 0 1
+    python benchmarks/quality.py --shared
 
 Quick check (a test runs this)::
 
@@ -284,15 +285,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result stem (default benchmarks/results/quality_lidc<size>)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--iterations", type=int, default=400)
+    p.add_argument("--iterations", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--eval-items", type=int, default=48, help="first K test items scored (0: all)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-items", type=int, default=24, help="first K test items scored (0: all)")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--max-batch", type=int, default=256, help="largest sampling batch")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1: the results do not depend on it, and 2 threads on a "
+                   "shared 2-core machine ran 10-50x slower")
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                    help="record that other jobs shared the machine (--shared) or not (--no-shared)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="skip (row, seed) pairs already in <out>.jsonl")
