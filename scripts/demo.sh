@@ -20,7 +20,8 @@ else
 fi
 
 echo "== 2/4 training (bundles/lidc/train.json + demo.json) -> $run_dir"
-$PY -m monai.bundle run training --config_file "$train"
+# --resume True: a finished demo run completes at once, an interrupted one continues
+$PY -m monai.bundle run training --config_file "$train" --resume True
 
 echo "== 3/4 evaluating the best checkpoint on the demo test split"
 $PY -m monai.bundle run evaluating --config_file "$evaluate"

@@ -9,7 +9,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.setup-stamp"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+# the stamp alone is not enough: an editable install can go stale (e.g. registered as a
+# namespace package, which monai.bundle refuses), so also check the package imports as ours
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+    && (here="$PWD"; cd / && "$here/.venv/bin/python" -c 'import monai_hsrdiff, sys; sys.exit(monai_hsrdiff.__file__ is None)') 2>/dev/null; then
     exit 0
 fi
 echo "[setup] installing torch==2.13.0 (CPU build) first, then the project"
