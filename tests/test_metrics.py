@@ -313,3 +313,19 @@ def test_cumulative_metric_lists_reductions_and_errors():
         GEDMetric(num_samples=0)
     with pytest.raises(ValueError, match=r"expected y_pred \(B, N, \*spatial\)"):
         GEDMetric()(batch["pred"][0], batch["label"][0])
+
+
+def test_mean_entropy_metric_is_the_mean_of_the_entropy_map():
+    from monai_hsrdiff.metrics import MeanEntropyMetric
+
+    # image 0: 4 samples, pixel (0,0) split 2/2 (1 bit), the other 3 pixels agree (0 bits) -> 0.25
+    # image 1: all samples agree everywhere -> 0
+    s = torch.zeros(2, 4, 2, 2, dtype=torch.bool)
+    s[0, :2, 0, 0] = True
+    s[1, :, 1, 1] = True
+    metric = MeanEntropyMetric()
+    per_image = metric(s, torch.zeros(2, 1, 2, 2, dtype=torch.bool))
+    assert per_image.flatten().tolist() == pytest.approx([0.25, 0.0])
+    assert float(metric.aggregate()) == pytest.approx(0.125)
+    # num_samples=2 keeps the first two samples, which agree -> 0
+    assert float(MeanEntropyMetric(num_samples=2)(s, torch.zeros(2, 1, 2, 2)).sum()) == 0.0

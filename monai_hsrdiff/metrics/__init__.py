@@ -1,7 +1,7 @@
 """Sample-set metrics of stochastic segmentation (GED, HM-IoU, MDM, fused IoU, entropy) and their
 MONAI cumulative wrappers. Conventions: ``docs/metrics.md``."""
 
-from .cumulative import FusedIoUMetric, GEDMetric, HMIoUMetric, MDMMetric, SampleSetMetric
+from .cumulative import FusedIoUMetric, GEDMetric, HMIoUMetric, MDMMetric, MeanEntropyMetric, SampleSetMetric
 from .functional import (
     GEDTerms,
     entropy_map,
@@ -20,6 +20,7 @@ __all__ = [
     "GEDTerms",
     "HMIoUMetric",
     "MDMMetric",
+    "MeanEntropyMetric",
     "SampleSetMetric",
     "entropy_map",
     "fused_iou",

@@ -17,9 +17,15 @@ from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
-from .functional import fused_iou, generalized_energy_distance, hungarian_matched_iou, maximum_dice_matching
+from .functional import (
+    entropy_map,
+    fused_iou,
+    generalized_energy_distance,
+    hungarian_matched_iou,
+    maximum_dice_matching,
+)
 
-__all__ = ["FusedIoUMetric", "GEDMetric", "HMIoUMetric", "MDMMetric", "SampleSetMetric"]
+__all__ = ["FusedIoUMetric", "GEDMetric", "HMIoUMetric", "MDMMetric", "MeanEntropyMetric", "SampleSetMetric"]
 
 
 class SampleSetMetric(CumulativeIterationMetric):
@@ -152,3 +158,15 @@ class FusedIoUMetric(SampleSetMetric):
 
     def _score(self, samples: torch.Tensor, annotations: torch.Tensor) -> float:
         return fused_iou(samples, annotations, num_classes=self.num_classes, tie_is_foreground=self.tie_is_foreground)
+
+
+class MeanEntropyMetric(SampleSetMetric):
+    """Mean over pixels of the per-pixel entropy of the sample mean, in bits, per image; see
+    :func:`~monai_hsrdiff.metrics.functional.entropy_map`.
+
+    The scalar summary of the uncertainty map, so validation can track how much the model
+    hedges; the annotations are accepted for the common interface and not used.
+    """
+
+    def _score(self, samples: torch.Tensor, annotations: torch.Tensor) -> float:
+        return float(entropy_map(samples, num_classes=self.num_classes).mean())
