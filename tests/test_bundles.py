@@ -146,7 +146,7 @@ def test_train_then_evaluate(task: str, run_bundle, bundle_env, demo_data: Path,
         cwd=REPO,
     )  # fmt: skip
     assert res.returncode == 0, res.output[-3000:]
-    names = {f"val_{m}{n}" for m in ("ged", "hm_iou", "mdm") for n in (16, 32)} | {"val_fused_iou16"}
+    names = {f"val_{m}{n}" for m in ("ged", "hm_iou", "mdm") for n in (16, 32)} | {"val_fused_iou16", "val_entropy16"}
     metrics = _check_metrics(run_dir / "eval" / "metrics.json", names)
     assert f"metrics written to {run_dir / 'eval' / 'metrics.json'}" in res.stdout
     for name, value in metrics.items():
