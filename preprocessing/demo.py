@@ -43,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from monai_hsrdiff.utils import replace_dir
 from monai_hsrdiff.data.items import index_to_physical_matrix, save_item
 
 from .common import RunSummary, add_split_arguments, split_by_patient, write_datalist
@@ -422,13 +423,7 @@ def build_demo(
             description=description,
             extra={"task": task, "channels": channels, "num_annotations": MAX_READERS if task == "lidc" else 2, "seed": seed, "image_size": size},
         )
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

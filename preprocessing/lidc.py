@@ -41,7 +41,7 @@ from scipy import ndimage
 
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
-from monai_hsrdiff.utils import atomic_write_text
+from monai_hsrdiff.utils import atomic_write_text, replace_dir
 from preprocessing.common import RunSummary, add_split_arguments, split_by_patient, write_datalist
 from preprocessing.pylidc_compat import import_pylidc
 
@@ -251,14 +251,7 @@ def prepare_patient(
                     n_nonempty = int(item["masks"].reshape(MAX_READERS, -1).any(axis=1).sum())
                     manifest["items"].append(_datalist_entry(f"items/{patient}/{name}", item["meta"], n_nonempty))
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        final = items_dir / patient
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{patient}.", suffix=".old", dir=items_dir))
-            os.replace(final, old / patient)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, items_dir / patient)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from monai_hsrdiff.data.items import save_item
-from monai_hsrdiff.utils import atomic_write_text
+from monai_hsrdiff.utils import atomic_write_text, replace_dir
 from preprocessing.common import DATALIST_NAME, RunSummary, SPLITS, add_split_arguments, split_by_patient, write_datalist
 from preprocessing.pylidc_compat import import_pylidc
 
@@ -254,13 +254,7 @@ def import_lidc_pickle(
                 print(f"[{n}/{len(data)}] items", flush=True)
         if tmp is not None:
             atomic_write_text(tmp / MANIFEST, json.dumps({"source": source, "n_items": len(entries)}) + "\n")
-            if items_dir.exists():
-                old_dir = Path(tempfile.mkdtemp(prefix=".items.", suffix=".old", dir=out))
-                os.replace(items_dir, old_dir / "items")
-                os.replace(tmp, items_dir)
-                shutil.rmtree(old_dir, ignore_errors=True)
-            else:
-                os.replace(tmp, items_dir)
+            replace_dir(tmp, items_dir)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -54,7 +54,7 @@ from monai.transforms import Resize
 from monai.utils import convert_to_numpy
 
 from monai_hsrdiff.data.items import save_item
-from monai_hsrdiff.utils import atomic_write_text
+from monai_hsrdiff.utils import atomic_write_text, replace_dir
 
 from .common import RunSummary, add_split_arguments, split_by_patient, write_datalist
 
@@ -380,11 +380,7 @@ def _build_patient(
                     }
                 )
         atomic_write_text(tmp / MANIFEST, json.dumps({"patient": patient, "settings": settings, "entries": entries}, indent=1))
-        if final.exists():  # --overwrite, or an unfinished folder: move aside, then drop
-            old = Path(tempfile.mkdtemp(prefix=f".{patient}.", suffix=".old", dir=items_dir))
-            os.replace(final, old / patient)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # --overwrite, or an unfinished folder: the old one is dropped
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -106,7 +106,7 @@ class HSRDiffPipeline:
             raise ValueError(
                 f"HSRDiffPipeline: condition must be (B, C, *spatial), got shape {tuple(condition.shape)}."
             )
-        model, sampler = self.model, self.sampler
+        model = self.model
         was_training = model.training
         model.eval()
         try:

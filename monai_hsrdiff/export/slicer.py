@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from monai_hsrdiff.utils import replace_dir
 from monai_hsrdiff.inference.source import InferenceInputError, SourceVolume
 from monai_hsrdiff.inference.volume import VolumePrediction
 
@@ -154,13 +155,7 @@ def write_case(
         timings["write_s"] = time.perf_counter() - t0
         doc["timings"] = {k: round(float(v), 3) for k, v in timings.items()}
         (tmp / "summary.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        if out.exists():  # empty, or overwrite: move the old case aside, then drop it
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # an empty folder, or --overwrite: the old case is dropped
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -262,7 +262,6 @@ def read_nifti_source(
         InferenceInputError: wrong number of files, a missing modality, a file that is not a
             3D volume, NaN/inf voxels, or volumes on different grids (shape or affine).
     """
-    import nibabel as nib
 
     from preprocessing.ms_lesion import LPS_FROM_RAS, slice_axes
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_text", "replace_dir"]
 
 
 @contextlib.contextmanager
@@ -47,3 +48,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Swap the complete folder ``tmp`` in as ``final`` and return ``final``.
+
+    An existing ``final`` is first renamed into a hidden ``.<name>.*.old`` folder beside it,
+    then deleted, so a reader sees the old folder or the new one. ``tmp`` must be on the same
+    file system (create it beside ``final``). A crash between the two renames leaves no
+    ``final``, which every caller treats as "not finished yet".
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
