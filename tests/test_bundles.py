@@ -27,7 +27,7 @@ from monai_hsrdiff.engines import samples_to_masks
 TASKS = ("lidc", "ms_lesion")
 
 # The metric ranges: GED with d = 1 - IoU is in [0, 2]; HM-IoU, MDM and fused IoU are IoUs in [0, 1].
-RANGES = {"ged": (0.0, 2.0), "hm_iou": (0.0, 1.0), "mdm": (0.0, 1.0), "fused_iou": (0.0, 1.0)}
+RANGES = {"ged": (0.0, 2.0), "hm_iou": (0.0, 1.0), "mdm": (0.0, 1.0), "fused_iou": (0.0, 1.0), "entropy": (0.0, 1.0)}
 
 
 def _dtype(name: str) -> torch.dtype:
