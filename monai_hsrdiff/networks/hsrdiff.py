@@ -57,6 +57,11 @@ PREDICTIONS = ("srdiff", "dual", "eps", "x0")
 CONDITIONS = ("hierarchical", "global", "none")
 
 
+def conv3x3(spatial_dims: int, in_channels: int, out_channels: int) -> Convolution:
+    """A plain 3×3 (3×3×3) convolution, stride 1, same padding, no norm or activation."""
+    return Convolution(spatial_dims, in_channels, out_channels, strides=1, kernel_size=3, padding=1, conv_only=True)
+
+
 @dataclass
 class HSRDiffOutput:
     """What one :class:`HSRDiff` forward pass returns.
@@ -123,15 +128,7 @@ class ConditionEncoder(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.conv_in = Convolution(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=channels[0],
-            strides=1,
-            kernel_size=3,
-            padding=1,
-            conv_only=True,
-        )
+        self.conv_in = conv3x3(spatial_dims, in_channels, channels[0])
         self.levels = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
         previous = channels[0]
@@ -261,15 +258,7 @@ class HSRDiffDecoder(nn.Module):
                         out_channels=width,
                         interp_mode="nearest",
                         scale_factor=2.0,
-                        post_conv=Convolution(
-                            spatial_dims=spatial_dims,
-                            in_channels=width,
-                            out_channels=width,
-                            strides=1,
-                            kernel_size=3,
-                            padding=1,
-                            conv_only=True,
-                        ),
+                        post_conv=conv3x3(spatial_dims, width, width),
                         align_corners=None,
                     )
                 )
@@ -326,8 +315,8 @@ class SelfRegulationHead(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.c1 = Convolution(spatial_dims, in_channels, in_channels, kernel_size=3, padding=1, conv_only=True)
-        self.c2 = Convolution(spatial_dims, in_channels, in_channels, kernel_size=3, padding=1, conv_only=True)
+        self.c1 = conv3x3(spatial_dims, in_channels, in_channels)
+        self.c2 = conv3x3(spatial_dims, in_channels, in_channels)
         layers: list[nn.Module] = []
         previous = in_channels
         for width in phi_channels:
@@ -518,15 +507,7 @@ class HSRDiff(nn.Module):
         )
 
         # 3. E_d: MONAI down blocks over x_t
-        self.label_conv_in = Convolution(
-            spatial_dims=spatial_dims,
-            in_channels=out_channels,
-            out_channels=channels[0],
-            strides=1,
-            kernel_size=3,
-            padding=1,
-            conv_only=True,
-        )
+        self.label_conv_in = conv3x3(spatial_dims, out_channels, channels[0])
         self.label_encoder = nn.ModuleList()
         previous = channels[0]
         for level, width in enumerate(channels):
@@ -578,15 +559,7 @@ class HSRDiff(nn.Module):
             return nn.Sequential(
                 nn.GroupNorm(num_groups=norm_num_groups, num_channels=channels[0], eps=norm_eps, affine=True),
                 nn.SiLU(),
-                Convolution(
-                    spatial_dims=spatial_dims,
-                    in_channels=channels[0],
-                    out_channels=out_channels,
-                    strides=1,
-                    kernel_size=3,
-                    padding=1,
-                    conv_only=True,
-                ),
+                conv3x3(spatial_dims, channels[0], out_channels),
             )
 
         has_eps = prediction in ("srdiff", "dual", "eps")
