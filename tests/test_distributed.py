@@ -1,12 +1,15 @@
 """Multi-process training: ``torchrun --nproc_per_node=2 -m monai.bundle run training`` with
-``multi_gpu_train.json`` on CPU (gloo), as the user would run it on K GPUs (NCCL)."""
+``multi_gpu_train.json`` on CPU (gloo), as the user would run it on K GPUs (NCCL); and a NaN in
+one process's batch stopping every process (the trainer's loss vote)."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,97 @@ def test_torchrun_two_processes_gloo(bundle_env, demo_data: Path, tmp_path: Path
     assert "[hsrdiff] distributed: 2 processes (gloo)" in out
     for i in range(1, its + 1):
         assert len(re.findall(rf"Epoch: 1/1, Iter: {i}/{its} -- ", out)) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_nan_in_one_process_stops_both(bundle_env, tmp_path: Path) -> None:
+    """A NaN pixel in rank 1's batch at iteration 2: the loss vote stops BOTH processes, each on
+    its own, with the non-finite message and no traceback, before either takes the step.
+
+    The two processes are started directly with the variables torchrun sets (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT): torchrun's agent would kill the survivor as soon as one process fails,
+    hiding a process left hanging in the gradient all-reduce, which is what the vote prevents."""
+    run_dir = Path(bundle_env["HSRDIFF_RUN_ROOT"]) / "lidc_demo"
+    ckpt = run_dir / "checkpoints" / "resume_checkpoint_1.pt"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    multi = REPO / "bundles" / "lidc" / "multi_gpu_train.json"
+    # test-only entries before the bundle's own "training" list: at the start of iteration 2 each
+    # rank saves its weights, then rank 1 alone gets one NaN pixel in its image batch (ignite
+    # fetches the batch before ITERATION_STARTED); at exit each rank saves its weights again
+    rank = "str(dist.get_rank())"
+    training = [
+        "$from ignite.engine import Events",
+        "$import atexit",
+        (
+            f"$@train#trainer.add_event_handler(Events.ITERATION_STARTED(once=2), lambda e, net=@network.module, "
+            f"path='{weights}/before' + {rank} + '.pt': torch.save(net.state_dict(), path))"
+        ),
+        (
+            "$@train#trainer.add_event_handler(Events.ITERATION_STARTED(once=2), lambda e: "
+            "e.state.batch['image'][:1, :1, :1, :1].fill_(float('nan'))) if dist.get_rank() == 1 else None"
+        ),
+        (
+            f"$atexit.register(lambda net=@network.module, path='{weights}/exit' + {rank} + '.pt': "
+            "torch.save(net.state_dict(), path))"
+        ),
+        *json.loads(multi.read_text())["training"],
+    ]
+    cmd = [
+        PYTHON, "-m", "monai.bundle", "run", "training",
+        "--config_file", bundle_files("lidc", "train", "multi_gpu_train", "demo"),
+        *_without(TINY, "--batch_size"), "--batch_size", "4", "--ckpt_every_n_iterations", "1",
+        "--training", repr(training),
+    ]  # fmt: skip
+    env = {**bundle_env, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    env.update(MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    procs, logs = [], [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    for r in (0, 1):
+        with logs[r].open("w") as log:
+            rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        # start-up (imports, data, 2 processes on a busy machine) may be slow; once the first
+        # process has exited, the other must follow promptly: a hang in the all-reduce never would
+        end = time.monotonic() + 120
+        while all(p.poll() is None for p in procs) and time.monotonic() < end:
+            time.sleep(0.1)
+        end = time.monotonic() + 30
+        while any(p.poll() is None for p in procs) and time.monotonic() < end:
+            time.sleep(0.1)
+        hung = [r for r, p in enumerate(procs) if p.poll() is None]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = [log.read_text() for log in logs]
+    assert not hung, f"rank(s) {hung} still running; rank 0:\n{out[0][-3000:]}\nrank 1:\n{out[1][-3000:]}"
+
+    for r, p in enumerate(procs):
+        assert p.returncode == 1, f"rank {r} exited with {p.returncode}:\n{out[r][-4000:]}"
+        assert "Traceback" not in out[r], f"rank {r}:\n{out[r][-4000:]}"
+        assert f"the last good checkpoint is {ckpt}" in out[r], out[r][-4000:]
+    # rank 1 saw the NaN itself; rank 0's own loss was finite, it stopped on the vote
+    assert "ERROR: non-finite loss at epoch 1, iteration 2 (loss=nan" in out[1], out[1][-4000:]
+    m = re.search(r"ERROR: non-finite loss in another process at epoch 1, iteration 2 \(loss=(\S+?),", out[0])
+    assert m and math.isfinite(float(m.group(1))), out[0][-4000:]
+    # iteration 1 ran and was logged (so the fault, not a start-up failure, stopped the run)
+    assert re.search(r"Epoch: 1/1, Iter: 1/\d+ -- ", out[0]) and not re.search(r"Iter: 2/\d+ -- ", out[0])
+
+    # neither rank stepped on the faulty iteration: each ends with its weights of iteration 1,
+    # which are the same on both ranks and the ones in the checkpoint rank 0 wrote after it
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["network"]
+    assert sorted(p.name for p in ckpt.parent.glob("*.pt")) == [ckpt.name]
+    for r in (0, 1):
+        before = torch.load(weights / f"before{r}.pt", weights_only=True)
+        after = torch.load(weights / f"exit{r}.pt", weights_only=True)
+        assert before.keys() == after.keys() == state.keys()
+        for k in state:
+            assert torch.equal(before[k], after[k]) and torch.equal(after[k], state[k]), (r, k)
