@@ -194,6 +194,29 @@ def test_3d_tiny():
     assert out.kappa.shape == (1,)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_fused_attention_same_weights_same_outputs(spatial_dims):
+    # use_flash_attention only changes how attention is computed: the two nets share a state
+    # dict (a checkpoint of one loads into the other) and agree to float rounding, also in gradients
+    torch.manual_seed(0)
+    kw = {**TINY, "spatial_dims": spatial_dims}
+    fused, explicit = HSRDiff(**kw), HSRDiff(**kw, use_flash_attention=False)
+    assert fused.use_flash_attention and not explicit.use_flash_attention
+    explicit.load_state_dict(fused.state_dict())  # strict: same keys and shapes
+    size = (16, 16) if spatial_dims == 2 else (8, 8, 8)
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(2, 1, *size, generator=g), torch.randn(2, 1, *size, generator=g)
+    t = torch.tensor([5, 200])
+    a, b = fused(x, t, condition=c), explicit(x, t, condition=c)
+    for name in ("eps", "x0", "kappa"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5)
+    (a.eps.square().mean() + a.kappa.sum()).backward()
+    (b.eps.square().mean() + b.kappa.sum()).backward()
+    deep = fused.middle_block.attention.attn.to_q.weight  # an attention weight: its gradient goes through the fused kernel
+    torch.testing.assert_close(deep.grad, explicit.middle_block.attention.attn.to_q.weight.grad, rtol=1e-4, atol=1e-6)
+    assert deep.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("name,factory", [("hsrdiff", hsrdiff), ("hsrdiff_light", hsrdiff_light)])
 def test_preset_parameter_counts_near_paper(name, factory):
     count = factory(in_channels=1, out_channels=1).num_parameters()
