@@ -104,7 +104,7 @@ def make_predictor(
     sampler: SamplerName = "ddim",
     num_inference_steps: int | None = 50,
     seed: int = 0,
-    max_batch_size: int | None = None,
+    max_batch_size: int | str | None = "auto",
     kappa_log: list | None = None,
 ) -> Predictor:
     """A sliding-window predictor: (B, C, H, W) -> (B, N, H, W) continuous HSRDiff samples.
@@ -167,7 +167,7 @@ def infer_case(
     device: torch.device | str | None = None,
     sw_batch_size: int = 4,
     overlap: float = 0.25,
-    max_batch_size: int | None = None,
+    max_batch_size: int | str | None = "auto",
     checkpoint: str | os.PathLike | None = None,
     predictor: Predictor | None = None,
     summary: dict[str, Any] | None = None,
@@ -197,7 +197,8 @@ def infer_case(
         seed: seeds the samples (a CPU generator, so CPU and GPU runs draw the same noise).
         device: model device; default the network's device.
         sw_batch_size, overlap: sliding-window batch and overlap.
-        max_batch_size: largest number of samples the network denoises at once.
+        max_batch_size: largest number of samples the network denoises at once (``"auto"``: by
+            device and image size, see ``HSRDiffPipeline``; it changes speed, not the samples).
         checkpoint: weights to load into ``network`` first (``model.pt`` or a resume checkpoint).
         predictor: replaces the HSRDiff sampler: (B, C, roi, roi) -> (B, N, roi, roi) values,
             mask = value > 0 (deterministic predictors make the geometry testable).
@@ -226,7 +227,7 @@ def infer_case(
     if checkpoint is not None and network is not None:
         from monai_hsrdiff.handlers import load_network_weights
 
-        load_network_weights(checkpoint, network, task)
+        load_network_weights(checkpoint, network, task, option="--checkpoint")
     source = read_source(task, input, series_uid)
     if network is not None:
         expected = int(getattr(network, "in_channels", source.data.shape[0]))
@@ -282,6 +283,18 @@ def bundle_infer_case(**kwargs: Any) -> Path:
         raise fail(str(e)) from e
 
 
+def _check_override_keys(bundle: Path, configs: Sequence[Path]) -> None:
+    """Stop (``BundleError``) on a ``--config`` file that is not JSON or sets a key the bundle does not
+    define: MONAI would silently add a misspelt key and the model would not be the one trained."""
+    from monai_hsrdiff.bundle import _NOT_DEFINITIONS, _load_json, check_config_keys
+
+    definitions = sorted(p for p in bundle.glob("*.json") if p.name not in _NOT_DEFINITIONS)
+    overrides: dict[str, str] = {}
+    for c in configs:
+        overrides.update({k: str(c) for k in _load_json(c) if k not in overrides})
+    check_config_keys(overrides, definitions)
+
+
 def _bundle_parser(bundle: str | os.PathLike, configs: Sequence[str | os.PathLike] = ()):
     from monai.bundle import ConfigParser
 
@@ -290,6 +303,7 @@ def _bundle_parser(bundle: str | os.PathLike, configs: Sequence[str | os.PathLik
     for f in files:
         if not f.is_file():
             raise InferenceInputError(f"config file {f} does not exist (--bundle {bundle}, --config {list(configs)})")
+    _check_override_keys(bundle, [Path(c) for c in configs])
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     return parser

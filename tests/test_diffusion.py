@@ -19,6 +19,7 @@ from monai_hsrdiff.diffusion import (
     DiffusionSchedule,
     HSRDiffPipeline,
     SelfRegulatedDiffusion,
+    auto_batch_size,
     default_beta_range,
 )
 from monai_hsrdiff.networks import HSRDiff
@@ -414,14 +415,45 @@ def test_pipeline_encodes_each_image_once_and_shapes(process):
     assert ((out.kappa > 0) & (out.kappa < 1)).all()
     assert net.training  # the pipeline restores the mode
 
-    # chunked: each image still encoded once; with eta=0 and x_T drawn up front, same samples
+    # chunked: each image still encoded once (in chunks of at most max_batch_size images)
     calls.clear()
-    chunked = pipe(c, num_samples=4, num_inference_steps=5, max_batch_size=5, generator=torch.Generator().manual_seed(0))
+    pipe(c, num_samples=4, num_inference_steps=5, max_batch_size=5, generator=torch.Generator().manual_seed(0))
     assert calls == [3]
-    torch.testing.assert_close(chunked.samples, out.samples, rtol=1e-5, atol=1e-5)
     calls.clear()
     pipe(c, num_samples=4, num_inference_steps=5, max_batch_size=2, generator=torch.Generator().manual_seed(0))
     assert calls == [2, 1]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta1"])
+def test_pipeline_samples_do_not_depend_on_chunk_size(process, sampler):
+    # the chunk size only splits the network calls; each step still draws ONE (B*N, ...) noise
+    # tensor, so even the stochastic samplers give the same samples for every max_batch_size
+    net = tiny_net()
+    c = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    smp = DDPMSampler(SelfRegulatedDiffusion(DiffusionSchedule(6, beta_start=1e-3, beta_end=0.2))) if sampler == "ddpm" else DDIMSampler(process, eta=1.0)
+    pipe = HSRDiffPipeline(net, smp)
+    steps = None if sampler == "ddpm" else 5
+    runs = {
+        size: pipe(c, num_samples=4, num_inference_steps=steps, max_batch_size=size, generator=torch.Generator().manual_seed(0))
+        for size in (None, 1, 5, "auto")
+    }
+    for size in (1, 5, "auto"):
+        torch.testing.assert_close(runs[size].samples, runs[None].samples, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(runs[size].kappa, runs[None].kappa, rtol=1e-5, atol=1e-6)
+    other = pipe(c, num_samples=4, num_inference_steps=steps, max_batch_size=5, generator=torch.Generator().manual_seed(1))
+    assert (other.samples - runs[None].samples).abs().max() > 0.1  # the noise does matter
+
+
+def test_auto_batch_size_by_device_and_size():
+    from monai_hsrdiff.diffusion.pipeline import CPU_PIXELS_PER_CALL
+
+    cpu = torch.device("cpu")
+    assert auto_batch_size(cpu, (128, 128), 16) == CPU_PIXELS_PER_CALL // (128 * 128)
+    assert auto_batch_size(cpu, (64, 64), 16) == CPU_PIXELS_PER_CALL // (64 * 64)
+    assert auto_batch_size(cpu, (16, 16), 12) == 12  # never more than there are items
+    assert auto_batch_size(cpu, (512, 512), 16) == 1  # at least one
+    assert auto_batch_size(cpu, (32, 64, 64), 4) == 1  # a 3D volume per call
+    assert auto_batch_size(torch.device("cuda"), (128, 128), 16) == 16  # no CUDA needed: decided from the type
 
 
 def test_pipeline_seed_reproduces_samples(process):
@@ -454,7 +486,8 @@ def test_pipeline_bad_arguments(process):
     c = torch.zeros(1, 1, 16, 16)
     with pytest.raises(ValueError, match="num_samples"):
         pipe(c, num_samples=0)
-    with pytest.raises(ValueError, match="max_batch_size"):
-        pipe(c, max_batch_size=0)
+    for bad in (0, "big", True, 2.0):
+        with pytest.raises(ValueError, match="max_batch_size"):
+            pipe(c, max_batch_size=bad)
     with pytest.raises(ValueError, match="DDIMSampler"):
         pipe(c, num_inference_steps=10)

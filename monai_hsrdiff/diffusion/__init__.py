@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monai_hsrdiff.diffusion.pipeline import HSRDiffPipeline, SamplingOutput
+from monai_hsrdiff.diffusion.pipeline import HSRDiffPipeline, SamplingOutput, auto_batch_size
 from monai_hsrdiff.diffusion.process import DiffusionLossOutput, PMean, SelfRegulatedDiffusion, resolve_kappa
 from monai_hsrdiff.diffusion.samplers import SAMPLERS, DDIMSampler, DDPMSampler, SamplerStepOutput, get_sampler
 from monai_hsrdiff.diffusion.schedule import DiffusionSchedule, default_beta_range
@@ -18,6 +18,7 @@ __all__ = [
     "SamplingOutput",
     "SelfRegulatedDiffusion",
     "SAMPLERS",
+    "auto_batch_size",
     "default_beta_range",
     "get_sampler",
     "resolve_kappa",

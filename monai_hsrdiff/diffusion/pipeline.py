@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
-from monai_hsrdiff.diffusion.process import randn
+from monai_hsrdiff.diffusion.process import ModelOutput, randn
 from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler
 
-__all__ = ["HSRDiffPipeline", "SamplingOutput"]
+__all__ = ["CPU_PIXELS_PER_CALL", "HSRDiffPipeline", "SamplingOutput", "auto_batch_size"]
 
 
 @dataclass
@@ -82,7 +84,7 @@ class HSRDiffPipeline:
         condition: torch.Tensor,
         num_samples: int = 1,
         num_inference_steps: int | None = None,
-        max_batch_size: int | None = None,
+        max_batch_size: int | str | None = "auto",
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> SamplingOutput:
@@ -90,31 +92,42 @@ class HSRDiffPipeline:
 
         Args:
             condition: (B, C, *spatial) condition images on the model's device.
-            num_samples: N ≥ 1 hypotheses per image, drawn together in one batch (B·N items).
+            num_samples: N ≥ 1 hypotheses per image (B·N items denoised together, step by step).
             num_inference_steps: sampler steps; ``None`` = all T (DDPM accepts only T).
-            max_batch_size: largest number of items the network sees at once; the B·N items are
-                processed in chunks of this size (E_c still runs once per image). ``None``: one chunk.
-            generator: random generator for x_T and every step's noise; a fixed seed (and the
-                same ``max_batch_size``) reproduces every sample.
-            progress: show a tqdm progress bar.
+            max_batch_size: largest number of items the network sees in one call; each step runs
+                the network on chunks of this size (E_c still runs once per image). ``"auto"``
+                (default): :func:`auto_batch_size` (small chunks on CPU, one chunk on GPU);
+                ``None``: one chunk. It changes speed only, never the samples.
+            generator: random generator for x_T and every step's noise; a fixed seed reproduces
+                every sample, whatever ``max_batch_size``.
+            progress: show a tqdm progress bar (one tick per step).
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"HSRDiffPipeline: num_samples must be an integer >= 1, got {num_samples!r}.")
-        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
-            raise ValueError(f"HSRDiffPipeline: max_batch_size must be an integer >= 1 or None, got {max_batch_size!r}.")
+        if max_batch_size != "auto" and max_batch_size is not None and (
+            not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1
+        ):
+            raise ValueError(
+                f"HSRDiffPipeline: max_batch_size must be an integer >= 1, 'auto' or None, got {max_batch_size!r}."
+            )
         if condition.ndim < 3:
             raise ValueError(
                 f"HSRDiffPipeline: condition must be (B, C, *spatial), got shape {tuple(condition.shape)}."
             )
+        total = condition.shape[0] * num_samples
+        if max_batch_size == "auto":
+            chunk = auto_batch_size(condition.device, condition.shape[2:], total)
+        else:
+            chunk = total if max_batch_size is None else max_batch_size
         model = self.model
         was_training = model.training
         model.eval()
         try:
-            return self._sample(condition, num_samples, num_inference_steps, max_batch_size, generator, progress)
+            return self._sample(condition, num_samples, num_inference_steps, chunk, generator, progress)
         finally:
             model.train(was_training)
 
-    def _sample(self, condition, num_samples, num_inference_steps, max_batch_size, generator, progress):
+    def _sample(self, condition, num_samples, num_inference_steps, chunk, generator, progress):
         model, sampler = self.model, self.sampler
         b, n = condition.shape[0], num_samples
         m = int(model.out_channels)
@@ -122,55 +135,83 @@ class HSRDiffPipeline:
         device = condition.device
         dtype = condition.dtype if condition.is_floating_point() else torch.float32
         total = b * n
-        chunk = total if max_batch_size is None else max_batch_size
 
-        # 1. E_c once per image (in chunks of at most max_batch_size images)
+        # 1. E_c once per image (in chunks of at most `chunk` images)
         feats: list[torch.Tensor] | None = None
         if getattr(model, "condition", "hierarchical") != "none":
             with self._autocast(device):
                 parts = [model.encode_condition(condition[i : i + chunk]) for i in range(0, b, chunk)]
             if parts[0] is not None:
                 feats = [torch.cat(level, dim=0) for level in zip(*parts)]
-        # sample k of the flat B·N batch belongs to image k // N
+        # sample k of the flat B·N batch belongs to image k // N; the features of each chunk are
+        # gathered once, not at every step
         owner = torch.arange(total, device=device) // n
+        starts = range(0, total, chunk)
+        chunk_feats = [[f[owner[i : i + chunk]] for f in feats] if feats is not None else None for i in starts]
 
         sampler.set_timesteps(num_inference_steps, device=device)
         timesteps = sampler.timesteps
         s = len(timesteps)
         kappa = torch.empty(s, total, dtype=torch.float32, device=device)
-        # x_T for all B·N items up front, so chunking does not change which noise each sample starts from
-        samples = randn((total, m, *spatial), generator, device, dtype)
+        x = randn((total, m, *spatial), generator, device, dtype)
 
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=s * math.ceil(total / chunk), desc=f"{type(sampler).__name__}", unit="step")
+            bar = tqdm(total=s, desc=f"{type(sampler).__name__}", unit="step")
         try:
-            # 2. chunks of the flat B·N batch, each denoised from x_T to x_0
-            for start in range(0, total, chunk):
-                stop = min(start + chunk, total)
-                idx = owner[start:stop]
-                chunk_feats = [f[idx] for f in feats] if feats is not None else None
-                x = samples[start:stop]
-                for i, t in enumerate(timesteps):
-                    t_batch = torch.full((stop - start,), int(t), dtype=torch.long, device=device)
+            # 2. step by step; the network runs chunk by chunk, the sampler once on all B·N items,
+            # so every step draws one (B·N, ...) noise tensor whatever the chunk size
+            for i, t in enumerate(timesteps):
+                outs = []
+                for start, feats_k in zip(starts, chunk_feats):
+                    x_k = x[start : start + chunk]
+                    t_batch = torch.full((x_k.shape[0],), int(t), dtype=torch.long, device=device)
                     with self._autocast(device):
-                        out = model(x, t_batch, condition=None, condition_features=chunk_feats)
-                    step = sampler.step(out, int(t), x, generator=generator)
-                    x = step.prev_sample
-                    kappa[i, start:stop] = step.kappa.detach().float()
-                    if bar is not None:
-                        bar.update(1)
-                samples[start:stop] = x
+                        outs.append(model(x_k, t_batch, condition=None, condition_features=feats_k))
+                step = sampler.step(_cat_outputs(outs), int(t), x, generator=generator)
+                x = step.prev_sample
+                kappa[i] = step.kappa.detach().float()
+                if bar is not None:
+                    bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
 
         kappa = kappa.reshape(s, b, n).cpu()
         return SamplingOutput(
-            samples=samples.reshape(b, n, m, *spatial),
+            samples=x.reshape(b, n, m, *spatial),
             timesteps=timesteps.detach().cpu(),
             kappa=kappa,
             kappa_trace=kappa.mean(dim=(1, 2)),
         )
+
+
+#: Pixels (voxels) per network call that ``auto_batch_size`` aims for on CPU: the measured sweet
+#: spot of hsrdiff_light on a 2-core AVX-512 CPU (benchmarks/README.md, "chunk size"): 2 items at
+#: 128x128, 8 at 64x64; larger chunks leave the caches and get slower per item.
+CPU_PIXELS_PER_CALL = 32768
+
+
+def auto_batch_size(device: torch.device, spatial: Sequence[int], total: int) -> int:
+    """The chunk size ``max_batch_size="auto"`` uses for ``total`` items of size ``spatial``.
+
+    On CPU, ``max(1, CPU_PIXELS_PER_CALL // prod(spatial))`` items per call (one image per call
+    for 3D volumes); elsewhere (CUDA, MPS) all items in one call, since batching is what fills
+    an accelerator.
+    """
+    if torch.device(device).type != "cpu":
+        return total
+    return max(1, min(total, CPU_PIXELS_PER_CALL // max(1, math.prod(int(v) for v in spatial))))
+
+
+def _cat_outputs(parts: list[ModelOutput]) -> ModelOutput:
+    """The network outputs of one step's chunks, concatenated along the batch dimension."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+
+    return SimpleNamespace(eps=cat("eps"), x0=cat("x0"), kappa=cat("kappa"))

@@ -48,6 +48,9 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         num_samples: N samples per image (the metrics' subscript; 32 covers N=16 and N=32).
         seed: seeds the sampling noise at the start of every evaluation run, so repeated
             evaluations of one checkpoint give identical numbers.
+        max_batch: the pipeline's ``max_batch_size`` (items per network call; speed only, the
+            samples do not depend on it): ``"auto"`` (small chunks on CPU, all on GPU), an int, or None.
+        progress: a tqdm bar per batch of images.
         kwargs: passed to ``SupervisedEvaluator`` (key_val_metric, additional_metrics, val_handlers, ...).
 
     The engine output per iteration holds ``pred`` (B, N, H, W) masks, ``label`` (B, A, H, W)
@@ -65,7 +68,7 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         num_inference_steps: int | None = None,
         num_samples: int = 16,
         seed: int = 0,
-        max_batch: int | None = None,
+        max_batch: int | str | None = "auto",
         progress: bool = False,
         val_handlers: Sequence | None = None,
         **kwargs: Any,
