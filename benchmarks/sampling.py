@@ -90,12 +90,27 @@ def literal_algorithm2(model, condition: torch.Tensor, num_samples: int, process
     return torch.cat(out)
 
 
-def pipeline_samples(model, condition, num_samples, sampler, steps, generator, max_batch=None) -> torch.Tensor:
-    """(b)/(c) one pipeline call; (N, M, *spatial)."""
+def pipeline_samples(model, condition, num_samples, sampler, steps, generator, max_batch="auto", autocast=None) -> torch.Tensor:
+    """(b)/(c) one pipeline call (default chunking: ``max_batch_size="auto"``); (N, M, *spatial)."""
     with torch.inference_mode():
-        out = HSRDiffPipeline(model, sampler)(condition, num_samples=num_samples, num_inference_steps=steps,
-                                              max_batch_size=max_batch, generator=generator)  # fmt: skip
+        out = HSRDiffPipeline(model, sampler, autocast_dtype=autocast)(
+            condition, num_samples=num_samples, num_inference_steps=steps, max_batch_size=max_batch, generator=generator
+        )
     return out.samples[0]
+
+
+def pipeline_configs(model, args) -> dict[str, tuple[Any, torch.dtype | None]]:
+    """How (b) and (c) run: name -> (network, autocast dtype). fp32 eager always; then what is asked for."""
+    configs: dict[str, tuple[Any, torch.dtype | None]] = {"fp32": (model, None)}
+    if args.compile:
+        # freezing: weights become constants, so inductor can pre-pack them for oneDNN (inference only)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        configs["fp32 + torch.compile"] = (torch.compile(model), None)
+    if args.bf16:
+        configs["bf16 + channels-last"] = (copy.deepcopy(model).to(memory_format=torch.channels_last), torch.bfloat16)
+    return configs
 
 
 class _VmapDecoders(torch.nn.Module):
@@ -182,12 +197,22 @@ def ged_check(args, rows: list, data: dict) -> None:
     from benchmarks.quality import load_eval_items, score
     from monai_hsrdiff.engines.evaluator import samples_to_masks
 
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **ckpt["config"])
-    net.load_state_dict(ckpt["state_dict"])
+    if args.bundle_config:  # a bundle run's model.pt (a state dict); the network from the bundle configs
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(args.bundle_config)
+        net = parser.get_parsed_content("network_def")
+        net.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+        size = int(parser.get_parsed_content("image_size"))
+        datalist = Path(args.ged_data or REPO_ROOT / "data" / "demo_lidc") / "datalist.json"
+    else:  # a benchmarks/quality.py checkpoint: weights, network overrides, image size
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **ckpt["config"])
+        net.load_state_dict(ckpt["state_dict"])
+        size = int(ckpt["size"])
+        datalist = Path(args.ged_data or REPO_ROOT / "data" / f"bench_demo_lidc_{size}") / "datalist.json"
     net.eval()
-    size = int(ckpt["size"])
-    datalist = Path(args.ged_data or REPO_ROOT / "data" / f"bench_demo_lidc_{size}") / "datalist.json"
     images, masks = load_eval_items(datalist, args.ged_items)
     process = SelfRegulatedDiffusion()
     variants: list[tuple[str, Any, int | None, bool]] = [("DDPM 250", DDPMSampler(process), None, False)]
@@ -200,7 +225,7 @@ def ged_check(args, rows: list, data: dict) -> None:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = HSRDiffPipeline(net, smp, autocast_dtype=torch.bfloat16 if bf16 else None)(images, num_samples=16, num_inference_steps=steps,
-                                           generator=torch.Generator().manual_seed(7), max_batch_size=256)  # fmt: skip
+                                           generator=torch.Generator().manual_seed(7))  # fmt: skip
         r = score(samples_to_masks(out.samples.float()).numpy(), masks)
         r["seconds"] = time.perf_counter() - t0
         res[name] = r
@@ -230,34 +255,46 @@ def run(args: argparse.Namespace) -> Path:
 
     if args.speed:
         if args.main:
-            # 1. identical outputs of (a) and (b) for the same noise (short run, k steps)
+            configs = pipeline_configs(model, args)
+            # 1. (a) against (b) for the same noise (short run, k steps), for each way of running (b);
+            # the first call of a compiled model compiles it, outside the timings below
             sa = literal_algorithm2(model, cond, n, short, torch.Generator().manual_seed(3))
-            sb = pipeline_samples(model, cond, n, DDPMSampler(short), None, torch.Generator().manual_seed(3))
-            diff = float((sa - sb).abs().max())
-            same_masks = float(((sa > 0) == (sb > 0)).float().mean())
-            data["identity"] = {"steps": k, "max_abs_diff": diff, "mask_agreement": same_masks}
-            md.append(f"(a) vs (b), same generator, {k}-step DDPM, N={n}, {size}x{size}: max |a - b| = {diff:.2e}, "
-                      f"mask agreement {100 * same_masks:.2f} %.")  # fmt: skip
+            data["identity"] = {}
+            lines = []
+            for name, (net, dt) in configs.items():
+                t0 = time.perf_counter()
+                sb = pipeline_samples(net, cond, n, DDPMSampler(short), None, torch.Generator().manual_seed(3), autocast=dt)
+                first_call = time.perf_counter() - t0
+                diff = float((sa - sb).abs().max())
+                agree = float(((sa > 0) == (sb > 0)).float().mean())
+                data["identity"][name] = {"steps": k, "max_abs_diff": diff, "mask_agreement": agree,
+                                          "first_call_seconds": first_call}  # fmt: skip
+                lines.append(f"- (b) {name}: max |a - b| = {diff:.2e}, masks identical for {100 * agree:.3f} % of pixels "
+                             f"(first call {first_call:.0f} s)")  # fmt: skip
+            md.append(f"(a) against (b), same generator, a {k}-step DDPM, N={n}, {size}x{size}:\n\n" + "\n".join(lines))
 
-            # 2. (a), (b), (c) per k steps, interleaved
+            # 2. (a), and (b), (c) run each way, per k steps, interleaved
             gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
             na = min(args.literal_samples or n, n)  # (a) is one sample at a time: its cost is exactly linear in N
-            fns = {
-                "a": lambda: literal_algorithm2(model, cond, na, short, gen()),
-                "b": lambda: pipeline_samples(model, cond, n, DDPMSampler(short), None, gen()),
-                "c": lambda: pipeline_samples(model, cond, n, DDIMSampler(full), k, gen()),
-            }
+            fns = {"a": lambda: literal_algorithm2(model, cond, na, short, gen())}
+            for name, (net, dt) in configs.items():
+                fns[f"b|{name}"] = lambda net=net, dt=dt: pipeline_samples(net, cond, n, DDPMSampler(short), None, gen(), autocast=dt)
+                fns[f"c|{name}"] = lambda net=net, dt=dt: pipeline_samples(net, cond, n, DDIMSampler(full), k, gen(), autocast=dt)
             med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
             per_step = {key: v / k for key, v in med.items()}
             per_step["a"] *= n / na
-            totals = {"(a) literal Algorithm 2, 250 steps": per_step["a"] * T, "(b) DDPM pipeline, 250 steps": per_step["b"] * T}
-            for s in args.ddim_steps:
-                totals[f"(c) DDIM pipeline, {s} steps"] = per_step["c"] * s
-            ref = totals["(a) literal Algorithm 2, 250 steps"]
-            rows = [[name, f"{sec:.1f}", f"{ref / sec:.1f}x"] for name, sec in totals.items()]
-            md.append(f"\n### Time per image, N={n} samples, {size}x{size}, hsrdiff_light ({model.num_parameters():,} parameters), "
-                      f"{args.threads} threads\n\nExtrapolated from {k} timed steps per variant (median of {args.repeats} "
-                      f"interleaved rounds); (a) timed on {na} of the {n} samples and scaled by {n}/{na}.\n\n" + markdown_table(["variant", "s / image", "speed-up vs (a)"], rows))  # fmt: skip
+            ref = per_step["a"] * T
+            totals = {"(a) literal Algorithm 2, 250 steps": {"fp32": ref}}
+            totals["(b) DDPM pipeline, 250 steps"] = {name: per_step[f"b|{name}"] * T for name in configs}
+            for st in args.ddim_steps:
+                totals[f"(c) DDIM pipeline, {st} steps"] = {name: per_step[f"c|{name}"] * st for name in configs}
+            rows = [[variant] + [f"{cells[name]:.1f} s ({ref / cells[name]:.1f}x)" if name in cells else "-" for name in configs]
+                    for variant, cells in totals.items()]  # fmt: skip
+            md.append(f"\n### Time per image and speed-up against (a), N={n} samples, {size}x{size}, hsrdiff_light "
+                      f"({model.num_parameters():,} parameters), {args.threads} thread(s)\n\nExtrapolated from {k} timed "
+                      f"steps per variant (median of {args.repeats} interleaved rounds); (a) timed on {na} of the {n} "
+                      f"samples and scaled by {n}/{na}. (b) and (c) use the pipeline's default chunking "
+                      f"(max_batch_size='auto').\n\n" + markdown_table(["variant", *configs], rows))  # fmt: skip
             data["per_step_seconds"] = per_step
             data["seconds_per_image"] = totals
             write_results(args.out, "HSRDiff sampling speed (partial)", "\n".join(md), data)
@@ -287,7 +324,10 @@ def run(args: argparse.Namespace) -> Path:
                     for i in range(0, n, c):
                         model(x[i : i + c], tb[i : i + c], condition_features=[f[i : i + c] for f in feats_n])
 
-            options[f"max_batch_size={c} ({n // c} calls of {c})"] = chunked
+            options[f"max_batch_size={c} ({-(-n // c)} calls of {min(c, n)})"] = chunked
+        explicit = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **net_kwargs, use_flash_attention=False).eval()
+        explicit.load_state_dict(model.state_dict())
+        options["explicit attention (use_flash_attention=False)"] = step_fn(explicit, x, feats_n)
         options["channels_last"] = step_fn(model_cl, x_cl, feats_cl)
         options["channels_last + bf16"] = step_fn(model_cl, x_cl, feats_cl, bf16)
         try:
@@ -295,18 +335,6 @@ def run(args: argparse.Namespace) -> Path:
             options["decoders batched (vmap)"] = step_fn(lambda *a, **kw: _forward_vmap_decoders(vm, *a, **kw), x, feats_n)
         except Exception as e:  # report, do not fail the benchmark
             data["vmap_error"] = repr(e)
-        compile_seconds = None
-        if args.compile:
-            try:
-                compiled = torch.compile(model)
-                t0 = time.perf_counter()
-                step_fn(compiled, x, feats_n)()
-                compile_seconds = time.perf_counter() - t0
-                options["torch.compile"] = step_fn(compiled, x, feats_n)
-                options["torch.compile + bf16"] = step_fn(compiled, x, feats_n, bf16)
-                step_fn(compiled, x, feats_n, bf16)()  # compile the bf16 graph outside the timing
-            except Exception as e:
-                data["compile_error"] = repr(e)
         failed = {}
         for name in list(options):
             try:
@@ -324,12 +352,10 @@ def run(args: argparse.Namespace) -> Path:
             opt_t.update(alt_t)
         base = opt_t["fp32 (baseline)"]
         rows = [[name, f"{1e3 * sec:.0f}", f"{base / sec:.2f}x"] for name, sec in opt_t.items()]
-        extra = f" torch.compile's first call (compilation) took {compile_seconds:.0f} s." if compile_seconds else ""
-        extra += "".join(f" Did not run: {k} ({v})." for k, v in failed.items())
+        extra = "".join(f" Did not run: {k} ({v})." for k, v in failed.items())
         md.append(f"\n### One denoising step for N={n} (batched, E_c cached), CPU options\n\nMedian of {args.repeats} "
                   f"interleaved rounds.{extra}\n\n" + markdown_table(["option", "ms / step", "speed vs fp32"], rows))  # fmt: skip
         data["options_seconds_per_step"] = opt_t
-        data["compile_seconds"] = compile_seconds
         write_results(args.out, "HSRDiff sampling speed (partial)", "\n".join(md), data)
         print(md[-1], flush=True)
 
@@ -345,12 +371,19 @@ def run(args: argparse.Namespace) -> Path:
             ["FLOPs of E_c per image (once)", f"{flops_ec / 1e9:.2f} G"],
             [f"fp32 matmul {mm}x{mm}", f"{peak32 / 1e9:.0f} GFLOP/s"],
             [f"bf16 matmul {mm}x{mm}", f"{peak16 / 1e9:.0f} GFLOP/s"],
-            ["achieved fp32 (b) step", f"{achieved32 / 1e9:.0f} GFLOP/s ({100 * achieved32 / peak32:.0f} % of fp32 matmul)"],
+            ["achieved fp32, one batch of N", f"{achieved32 / 1e9:.0f} GFLOP/s ({100 * achieved32 / peak32:.0f} % of fp32 matmul)"],
             ["achieved bf16-autocast step", f"{achieved16 / 1e9:.0f} GFLOP/s ({100 * achieved16 / peak16:.0f} % of bf16 matmul)"],
         ]
-        md.append("\n### FLOPs (torch.utils.flop_counter) and achieved rate\n\n" + markdown_table(["quantity", "value"], rows))
         data["flops"] = {"per_image_step": flops_step, "condition_encoder": flops_ec, "matmul_fp32_flops_per_s": peak32,
                          "matmul_bf16_flops_per_s": peak16, "achieved_fp32": achieved32, "achieved_bf16": achieved16}  # fmt: skip
+        for key, label, peak in (("b|fp32", "achieved fp32, (b) as run above", peak32),
+                                 ("b|fp32 + torch.compile", "achieved fp32 + torch.compile, (b) as run above", peak32),
+                                 ("b|bf16 + channels-last", "achieved bf16 + channels-last, (b) as run above", peak16)):  # fmt: skip
+            if key in data.get("per_step_seconds", {}):
+                rate = flops_step * n / data["per_step_seconds"][key]
+                rows.append([label, f"{rate / 1e9:.0f} GFLOP/s ({100 * rate / peak:.0f} % of the matmul)"])
+                data["flops"][f"achieved {key}"] = rate
+        md.append("\n### FLOPs (torch.utils.flop_counter) and achieved rate\n\n" + markdown_table(["quantity", "value"], rows))
 
     # 5. quality of the fast samplers on a trained checkpoint
     if args.checkpoint:
@@ -375,7 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--main", action=argparse.BooleanOptionalAction, default=True,
                    help="the (a)/(b)/(c) identity check and time-per-image table")
-    p.add_argument("--chunks", type=int, nargs="*", default=[1, 4], help="max_batch_size values timed as options")
+    p.add_argument("--chunks", type=int, nargs="*", default=[1, 2, 4], help="max_batch_size values timed as options")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run (b) and (c) with bf16 autocast and a channels-last network")
     p.add_argument("--alt-threads", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the baseline step with the other thread count (1 <-> 2)")
     p.add_argument("--literal-samples", type=int, default=4,
@@ -388,6 +423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="try torch.compile")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--checkpoint", default=None, help="benchmarks/quality.py checkpoint for the GED16 comparison")
+    p.add_argument("--bundle-config", nargs="+", default=None,
+                   help="with --checkpoint <run>/checkpoints/model.pt: the bundle configs that trained it, e.g. "
+                        "bundles/lidc/train.json bundles/lidc/demo.json (data default: data/demo_lidc)")
     p.add_argument("--ged-data", default=None, help="demo data folder of the checkpoint (default from its size)")
     p.add_argument("--ged-items", type=int, default=16)
     p.add_argument("--ged-bf16-ddpm", action="store_true", help="also score DDPM-250 under bf16 autocast")
