@@ -34,18 +34,23 @@ def _run(script: str, tmp_path: Path, *extra: str) -> dict:
 def test_sampling_quick(tmp_path):
     r = _run("sampling", tmp_path)
     data, md = r["data"], r["md"]
-    # (a) literal Algorithm 2 and (b) the pipeline draw the same samples from the same generator
-    assert data["identity"]["max_abs_diff"] < 1e-4
-    assert data["identity"]["mask_agreement"] == 1.0
+    # (a) literal Algorithm 2 and (b) the fp32 pipeline draw the same samples from the same generator
+    fp32 = data["identity"]["fp32"]
+    assert fp32["max_abs_diff"] < 1e-4 and fp32["mask_agreement"] == 1.0
+    # bf16 is close, not identical (--quick skips torch.compile)
+    bf16 = data["identity"]["bf16 + channels-last"]
+    assert 0 < bf16["max_abs_diff"] < 0.5 and bf16["mask_agreement"] > 0.9
     names = list(data["seconds_per_image"])
     assert names[0].startswith("(a)") and names[1].startswith("(b)") and sum(n.startswith("(c)") for n in names) == 3
-    assert all(math.isfinite(v) and v > 0 for v in data["seconds_per_image"].values())
-    for option in ("fp32 (baseline)", "bf16 autocast", "channels_last", "fp32, 1 thread(s)"):
+    assert set(data["seconds_per_image"][names[1]]) == {"fp32", "bf16 + channels-last"}
+    assert all(math.isfinite(v) and v > 0 for cells in data["seconds_per_image"].values() for v in cells.values())
+    for option in ("fp32 (baseline)", "bf16 autocast", "channels_last", "fp32, 1 thread(s)",
+                   "explicit attention (use_flash_attention=False)"):  # fmt: skip
         assert option in data["options_seconds_per_step"]
     assert data["flops"]["per_image_step"] > data["flops"]["condition_encoder"] > 0
     for heading in ("### Time per image", "### One denoising step", "### FLOPs"):
         assert heading in md
-    assert "speed-up vs (a)" in md
+    assert "speed-up against (a)" in md and "| fp32 | bf16 + channels-last |" in md
 
 
 @pytest.mark.slow
