@@ -111,5 +111,9 @@ def test_pipeline_autocast_dtype():
     # bf16 keeps ~3 significant digits: a few per cent of the (untrained, large) sample range
     assert (bf16.samples - fp32.samples).abs().max() < 0.05 * fp32.samples.abs().max()
     assert (bf16.kappa - fp32.kappa).abs().max() < 0.02
-    with pytest.raises(ValueError, match="autocast_dtype"):
-        HSRDiffPipeline(net, sampler, autocast_dtype=torch.int8)
+    # the names bundle configs and --precision give
+    assert torch.equal(draw("float32").samples, ref.samples)
+    assert torch.equal(draw("bfloat16").samples, bf16.samples)
+    for bad in (torch.int8, "bf16", 16):
+        with pytest.raises(ValueError, match="autocast_dtype"):
+            HSRDiffPipeline(net, sampler, autocast_dtype=bad)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from monai_hsrdiff.diffusion.process import ModelOutput, randn
 from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler
 
-__all__ = ["CPU_PIXELS_PER_CALL", "HSRDiffPipeline", "SamplingOutput", "auto_batch_size"]
+__all__ = ["CPU_PIXELS_PER_CALL", "PRECISIONS", "HSRDiffPipeline", "SamplingOutput", "auto_batch_size", "resolve_autocast_dtype"]
 
 
 @dataclass
@@ -49,9 +49,10 @@ class HSRDiffPipeline:
         sampler: a :class:`DDPMSampler` or :class:`DDIMSampler`.
         autocast_dtype: run the network (E_c and every denoising step) under ``torch.autocast``
             with this dtype, e.g. ``torch.bfloat16`` on CPUs with bf16 matrix units or
-            ``torch.float16`` on GPUs; the sampler arithmetic, x_t and the returned samples stay
-            in the condition's dtype. ``None`` (default): no autocast, the reference numerics.
-            Measured speed and GED16 cost: ``benchmarks/README.md``.
+            ``torch.float16`` on GPUs (names "bfloat16" / "float16" work too, as in bundle
+            configs); the sampler arithmetic, x_t and the returned samples stay in the
+            condition's dtype. ``None`` or "float32" (default): no autocast, the reference
+            numerics. Measured speed and GED16 cost: ``benchmarks/README.md``.
 
     Example::
 
@@ -62,13 +63,9 @@ class HSRDiffPipeline:
     """
 
     def __init__(
-        self, model: nn.Module, sampler: DDPMSampler | DDIMSampler, autocast_dtype: torch.dtype | None = None
+        self, model: nn.Module, sampler: DDPMSampler | DDIMSampler, autocast_dtype: torch.dtype | str | None = None
     ) -> None:
-        if autocast_dtype is not None and not (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point):
-            raise ValueError(
-                f"HSRDiffPipeline: autocast_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None, "
-                f"got {autocast_dtype!r}."
-            )
+        autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         self.model = model
         self.sampler = sampler
         self.autocast_dtype = autocast_dtype
@@ -204,6 +201,24 @@ def auto_batch_size(device: torch.device, spatial: Sequence[int], total: int) ->
     if torch.device(device).type != "cpu":
         return total
     return max(1, min(total, CPU_PIXELS_PER_CALL // max(1, math.prod(int(v) for v in spatial))))
+
+
+#: Names accepted for ``autocast_dtype`` (bundle configs and command lines give strings).
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_autocast_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``None`` / "float32" -> None (no autocast); "bfloat16" / "float16" or a floating dtype -> that dtype."""
+    if value is None or isinstance(value, torch.dtype) and value == torch.float32:
+        return None
+    if isinstance(value, str) and value in PRECISIONS:
+        return PRECISIONS[value]
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    raise ValueError(
+        f"HSRDiffPipeline: autocast_dtype must be one of {sorted(PRECISIONS)}, a floating torch.dtype or None, "
+        f"got {value!r}."
+    )
 
 
 def _cat_outputs(parts: list[ModelOutput]) -> ModelOutput:

@@ -10,7 +10,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedEvaluator
 from monai.utils import convert_to_tensor
 
-from monai_hsrdiff.diffusion import HSRDiffPipeline
+from monai_hsrdiff.diffusion.pipeline import HSRDiffPipeline, resolve_autocast_dtype
 from monai_hsrdiff.metrics import entropy_map
 
 __all__ = ["HSRDiffEvaluator", "lower_is_better", "samples_to_masks"]
@@ -50,6 +50,8 @@ class HSRDiffEvaluator(SupervisedEvaluator):
             evaluations of one checkpoint give identical numbers.
         max_batch: the pipeline's ``max_batch_size`` (items per network call; speed only, the
             samples do not depend on it): ``"auto"`` (small chunks on CPU, all on GPU), an int, or None.
+        autocast_dtype: sample under ``torch.autocast`` with this dtype ("bfloat16" on CPUs with
+            bf16 units, "float16" on GPUs); ``None``/"float32": full precision (HSRDiffPipeline).
         progress: a tqdm bar per batch of images.
         kwargs: passed to ``SupervisedEvaluator`` (key_val_metric, additional_metrics, val_handlers, ...).
 
@@ -69,6 +71,7 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         num_samples: int = 16,
         seed: int = 0,
         max_batch: int | str | None = "auto",
+        autocast_dtype: torch.dtype | str | None = None,
         progress: bool = False,
         val_handlers: Sequence | None = None,
         **kwargs: Any,
@@ -95,6 +98,7 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.max_batch = max_batch
+        self.autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         self.progress = progress
         self._generator: torch.Generator | None = None
         self.add_event_handler(Events.STARTED, self._reset)
@@ -116,7 +120,7 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         network = getattr(engine.network, "module", engine.network)
         network.eval()
         with torch.inference_mode():
-            out = HSRDiffPipeline(network, self.sampler)(
+            out = HSRDiffPipeline(network, self.sampler, autocast_dtype=self.autocast_dtype)(
                 image,
                 num_samples=self.num_samples,
                 num_inference_steps=self.num_inference_steps,
