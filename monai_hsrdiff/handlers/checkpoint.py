@@ -29,6 +29,29 @@ _PARTIAL = re.compile(r"^tmp[a-z0-9_]{8}$")
 logger = logging.getLogger(__name__)
 
 
+class _SaveThenRemove(DiskSaver):
+    """``DiskSaver`` that deletes the checkpoints ignite drops only after the next one is saved.
+
+    ignite's ``Checkpoint`` removes the oldest file *before* writing the new one, so during
+    a write only ``n_saved - 1`` complete checkpoints exist; a kill or power loss then would
+    find fewer fallbacks than promised. Removal is deferred until the new file is in place.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: list[str] = []
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        super().__call__(checkpoint, filename, metadata)
+        for old in self._pending:
+            if old != filename and (self.dirname / old).exists():
+                super().remove(old)
+        self._pending.clear()
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(filename)
+
+
 class ResumeCheckpointer:
     """Save everything needed to resume (network, optimizer, lr scheduler, trainer state, EMA).
 
@@ -69,7 +92,7 @@ class ResumeCheckpointer:
     def attach(self, engine: Engine) -> None:
         self._checkpoint = Checkpoint(
             self.save_dict,
-            DiskSaver(self.save_dir, atomic=True, require_empty=False, create_dir=True),
+            _SaveThenRemove(self.save_dir, atomic=True, require_empty=False, create_dir=True),
             filename_prefix=PREFIX,
             n_saved=self.n_saved,
             global_step_transform=lambda e, _: e.state.iteration,

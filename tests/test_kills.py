@@ -1,0 +1,168 @@
+"""Real SIGKILLs at arranged moments: during a checkpoint write, mid-patient in preprocessing,
+and mid-export in inference.
+
+Each victim is a real subprocess started through ``tests/fault_injection.py``, which makes one
+chosen write (the N-th call of a writer on a matching path) leave half its bytes, write a
+marker file and sleep. The test waits for the marker, so the kill lands exactly inside that
+write, then SIGKILLs the process and checks what a later normal run makes of the leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PYTHON, REPO, TINY, bundle_files
+from synthetic_nifti import write_isbi_layout
+
+from monai_hsrdiff.data import ItemFormatError, load_item
+from monai_hsrdiff.handlers.checkpoint import latest_checkpoint
+from preprocessing.ms_lesion import preprocess_ms_lesion
+
+INJECT = str(REPO / "tests" / "fault_injection.py")
+_STATS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- ")
+
+
+def _one_thread(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with one torch thread: on a busy machine two spinning OpenMP threads per process
+    made a tiny network's step 30x slower; the kills need no threads."""
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def env(bundle_env: dict[str, str]) -> dict[str, str]:
+    """Environment of a bundle run (the shared demo data, a fresh run root), one thread."""
+    return _one_thread(bundle_env)
+
+
+def _start_stalling(inject: list[str], run: list[str], marker: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start ``python -m <run...>`` under the fault injector (``inject``: its options)."""
+    cmd = [PYTHON, INJECT, *inject, "--marker", str(marker), "--", *run]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _kill_at_marker(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 120) -> Path:
+    """Wait until the injected stall has begun, SIGKILL the process; return the half-written path."""
+    end = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before the stall:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < end, f"timed out waiting for the stall:\n{log.read_text()[-3000:]}"
+        time.sleep(0.02)
+    time.sleep(0.05)  # the marker is written in one call; let it land before reading it
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    return Path(marker.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------ 1. checkpoint write
+
+
+def _train_args(*extra: str) -> list[str]:
+    # TINY: batch 8 -> 3 iterations in the one epoch, then a validation of 2 items
+    return ["monai.bundle", "run", "training", "--config_file", bundle_files("lidc", "train", "demo"), *TINY,
+            "--ckpt_every_n_iterations", "1", *extra]  # fmt: skip
+
+
+def _steps(ckpts: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in ckpts.glob("*.pt") if (m := re.match(r"resume_checkpoint_(\d+)\.pt$", p.name)))
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write(env, tmp_path: Path) -> None:
+    """SIGKILL inside the write of the 3rd checkpoint: only a temporary file holds its bytes,
+    both earlier checkpoints are still there; ``--resume True`` names and removes the leftover,
+    continues from checkpoint 2 and ends where an uninterrupted run ends."""
+    ckpts = Path(env["HSRDIFF_RUN_ROOT"]) / "lidc_demo" / "checkpoints"
+    marker, log = tmp_path / "stalled", tmp_path / "a.log"
+    # ignite's DiskSaver(atomic=True) hands torch.save the open temporary file checkpoints/tmpXXXXXXXX
+    inject = ["--target", "torch:save", "--out-arg", "1", "--match", r"/checkpoints/tmp[a-z0-9_]{8}$", "--call", "3"]
+    proc = _start_stalling(inject, _train_args(), marker, log, env)
+    partial = _kill_at_marker(proc, marker, log)
+
+    assert partial.parent == ckpts and partial.is_file() and partial.stat().st_size > 0
+    assert _steps(ckpts) == [1, 2]  # nothing under the 3rd checkpoint's real name
+    with pytest.raises(RuntimeError, match="zip archive"):  # the leftover is really half a checkpoint
+        torch.load(partial, map_location="cpu", weights_only=True)
+    path, previous = latest_checkpoint(ckpts)
+    assert path.name == "resume_checkpoint_2.pt" and previous["trainer"]["iteration"] == 2
+
+    res = subprocess.run([PYTHON, "-m", *_train_args("--resume", "True")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"[resume] removing {partial}: a checkpoint write interrupted before its rename" in out
+    assert not partial.exists()
+    assert f"[resume] resuming from {ckpts / 'resume_checkpoint_2.pt'} (trainer iteration 2," in out
+    m = _STATS.search(out)
+    assert m and (int(m.group(1)) - 1) * int(m.group(3)) + int(m.group(2)) == 3, out[-3000:]  # first iteration run: 3
+    per_epoch = previous["trainer"]["epoch_length"]
+    total = previous["trainer"]["max_epochs"] * per_epoch  # what an uninterrupted run ends at
+    path, final = latest_checkpoint(ckpts)
+    assert path.name == f"resume_checkpoint_{total}.pt" and final["trainer"]["iteration"] == total
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {total}
+    assert not [p for p in ckpts.iterdir() if p.name.startswith("tmp")]
+    assert (ckpts / "model.pt").is_file()
+
+
+# ------------------------------------------------------------------ 2. preprocessing, mid-patient
+
+
+def _items(out: Path) -> dict[str, dict]:
+    """Items under their final names (``items/<patient>/*.npz``; hidden work folders excluded)."""
+    return {str(p.relative_to(out)): load_item(p) for p in sorted((out / "items").glob("[!.]*/*.npz"))}
+
+
+def _same_items(a: dict[str, dict], b: dict[str, dict]) -> bool:
+    return a.keys() == b.keys() and all(
+        all(np.array_equal(a[k][key], b[k][key]) for key in ("image", "masks", "item_to_index", "item_to_physical"))
+        and a[k]["meta"] == b[k]["meta"]
+        for k in a
+    )
+
+
+@pytest.mark.slow
+def test_preprocessing_killed_mid_patient(tmp_path: Path) -> None:
+    """``python -m preprocessing.ms_lesion`` SIGKILLed while writing the 2nd patient's items: the
+    1st patient's folder is complete, the 2nd is not visible under its name; a re-run skips the
+    1st, redoes the 2nd, and the result equals an uninterrupted run's."""
+    write_isbi_layout(tmp_path / "in", patients={"training01": 2, "training02": 1}, time_points=("01",))
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    preprocess_ms_lesion(tmp_path / "in", ref, size=32, log=lambda s: None)  # uninterrupted
+    expected = _items(ref)
+    assert sum("training02" in k for k in expected) >= 3  # the kill lands mid-patient, items remain to write
+    env = _one_thread(dict(os.environ))
+    cli = ["preprocessing.ms_lesion", "--root", str(tmp_path / "in"), "--out", str(out), "--size", "32"]
+
+    marker, log = tmp_path / "stalled", tmp_path / "a.log"
+    inject = ["--target", "monai_hsrdiff.data.items:save_item", "--match", r"/items/\.training02\.[^/]+\.tmp/", "--call", "2"]
+    proc = _start_stalling(inject, cli, marker, log, env)
+    partial = _kill_at_marker(proc, marker, log)
+
+    assert partial.parent.parent == out / "items" and partial.parent.name.startswith(".training02.")
+    assert len(list(partial.parent.glob("*.npz"))) == 2  # one whole item, one half-written
+    with pytest.raises(ItemFormatError, match="truncated or corrupt"):
+        load_item(partial)
+    assert sorted(p.name for p in (out / "items").iterdir()) == sorted([partial.parent.name, "training01"])
+    assert not (out / "datalist.json").exists()
+    first = _items(out)
+    assert _same_items(first, {k: v for k, v in expected.items() if "/training01/" in k})  # finished and intact
+    kept = {p: p.stat().st_mtime_ns for p in (out / "items" / "training01").iterdir()}
+
+    res = subprocess.run([PYTHON, "-m", *cli], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[1/2] training01: already done" in res.stdout
+    assert re.search(r"\[2/2\] training02: \d+ items", res.stdout), res.stdout
+    assert sorted(p.name for p in (out / "items").iterdir()) == ["training01", "training02"]  # leftover gone
+    assert {p: p.stat().st_mtime_ns for p in (out / "items" / "training01").iterdir()} == kept  # skipped, not redone
+    assert _same_items(_items(out), expected)
+    doc, ref_doc = (json.loads((d / "datalist.json").read_text()) for d in (out, ref))
+    assert all(doc[s] == ref_doc[s] for s in ("training", "validation", "test"))
