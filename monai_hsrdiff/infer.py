@@ -19,7 +19,9 @@ calls).
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -149,6 +151,21 @@ def _parse_slices(slices) -> tuple[int, int] | None:
     return int(a), int(b)
 
 
+def _remove_interrupted_writes(out: Path, say: Callable[[str], None]) -> None:
+    """Delete what a killed earlier write of ``out`` left beside it.
+
+    ``write_case`` builds a case in ``.<name>.*.partial`` and ``replace_dir`` parks the
+    replaced case in ``.<name>.*.old``; a kill leaves them behind, hidden but taking space.
+    They are never a result: ``out`` itself is only ever a complete case or absent.
+    """
+    if not out.parent.is_dir():
+        return
+    for suffix in ("partial", "old"):
+        for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.{suffix}")):
+            say(f"[hsrdiff] removing {stale}: left by an interrupted write of {out.name}")
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def infer_case(
     network: nn.Module | None,
     diffusion,
@@ -230,6 +247,7 @@ def infer_case(
     if precision is not None and precision not in PRECISIONS:
         raise InferenceInputError(f"--precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     check_output_folder(out, overwrite)  # fail before any long work
+    _remove_interrupted_writes(Path(out), say)
     if network is None and predictor is None:
         raise ValueError("infer_case: give a network (and diffusion) or a predictor")
     if checkpoint is not None and network is not None:

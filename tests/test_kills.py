@@ -17,14 +17,20 @@ import subprocess
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import slicerio
 import torch
 from conftest import PYTHON, REPO, TINY, bundle_files
+from monai.bundle import ConfigParser
+from synthetic_dicom import write_ct_series
 from synthetic_nifti import write_isbi_layout
 
 from monai_hsrdiff.data import ItemFormatError, load_item
 from monai_hsrdiff.handlers.checkpoint import latest_checkpoint
+from monai_hsrdiff.infer import main as infer_main
 from preprocessing.ms_lesion import preprocess_ms_lesion
 
 INJECT = str(REPO / "tests" / "fault_injection.py")
@@ -166,3 +172,78 @@ def test_preprocessing_killed_mid_patient(tmp_path: Path) -> None:
     assert _same_items(_items(out), expected)
     doc, ref_doc = (json.loads((d / "datalist.json").read_text()) for d in (out, ref))
     assert all(doc[s] == ref_doc[s] for s in ("training", "validation", "test"))
+
+
+# ------------------------------------------------------------------ 3. inference export, mid-write
+
+CASE_FILES = ["consensus.seg.nrrd", "entropy.nii.gz", "mean_probability.nii.gz", "samples.seg.nrrd", "summary.json"]
+
+
+def _ct_series(folder: Path) -> Path:
+    """A small axial CT series: 40x40 pixels, 4 slices, a bright block on air."""
+
+    def hu(n: int) -> np.ndarray:
+        a = np.full((40, 40), -900.0)
+        a[10:18, 20:30] = 300.0
+        return a
+
+    write_ct_series(folder, [(-20.0, 13.0, 40.0 + 1.5 * k) for k in range(4)], hu, pixel_spacing=(0.8, 0.8), slice_thickness=1.5)
+    return folder
+
+
+def _tiny_lidc_model(tmp: Path) -> tuple[Path, Path]:
+    """Weights of a tiny demo network and the config override that makes the CLI build it."""
+    tiny = tmp / "tiny.json"
+    tiny.write_text(json.dumps({"image_size": 32, "network_def#channels": [8, 16, 32], "network_def#norm_num_groups": 4}))
+    parser = ConfigParser()
+    b = REPO / "bundles" / "lidc"
+    parser.read_config([str(b / "train.json"), str(b / "inference.json"), str(b / "demo.json"), str(tiny)])
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp / "model.pt")
+    return tmp / "model.pt", tiny
+
+
+@pytest.mark.slow
+def test_inference_export_killed_mid_write(tmp_path: Path) -> None:
+    """``python -m monai_hsrdiff.infer --overwrite`` SIGKILLed while writing ``samples.seg.nrrd``:
+    the case folder still holds the previous complete case, byte for byte; re-running with
+    ``--overwrite`` writes a complete case that readers load, and drops the killed run's leftover."""
+    ct, out = _ct_series(tmp_path / "ct"), tmp_path / "case"
+    ckpt, tiny = _tiny_lidc_model(tmp_path)
+    cli = ["--bundle", str(REPO / "bundles/lidc"), "--config", str(REPO / "bundles/lidc/demo.json"), str(tiny),
+           "--checkpoint", str(ckpt), "--input", str(ct), "--out", str(out), "--steps", "2", "--seed", "0",
+           "--device", "cpu"]  # fmt: skip
+    assert infer_main([*cli, "--num-samples", "2"]) == 0  # the previous case (2 samples)
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(old) == CASE_FILES
+
+    env = _one_thread(dict(os.environ))
+    marker, log = tmp_path / "stalled", tmp_path / "a.log"
+    inject = ["--target", "monai_hsrdiff.export.slicer:write_segmentation", "--match", r"samples\.seg\.nrrd$"]
+    run = ["monai_hsrdiff.infer", *cli, "--num-samples", "4", "--overwrite"]
+    proc = _start_stalling(inject, run, marker, log, env)
+    partial = _kill_at_marker(proc, marker, log)
+
+    work = partial.parent  # the killed run's work folder beside the case, never under its name
+    assert work.parent == tmp_path and work.name.startswith(".case.") and work.name.endswith(".partial")
+    assert sorted(p.name for p in work.iterdir()) == ["entropy.nii.gz", "mean_probability.nii.gz", "samples.seg.nrrd"]
+    with pytest.raises(OSError, match="Failed to read segmentation"):  # half a segmentation does not load
+        slicerio.read_segmentation(str(partial))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # the previous case, untouched
+    killed_mean = nib.load(work / "mean_probability.nii.gz").get_fdata()  # complete before the stall
+
+    res = subprocess.run([PYTHON, "-m", *run], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == CASE_FILES
+    assert f"[hsrdiff] removing {work}: left by an interrupted write of case" in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".case.")) == []  # leftover removed
+    mean_nib = nib.load(out / "mean_probability.nii.gz").get_fdata()
+    mean_itk = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "mean_probability.nii.gz")))
+    assert mean_nib.shape == (40, 40, 4) and np.array_equal(np.transpose(mean_itk, (2, 1, 0)), mean_nib)
+    assert np.array_equal(mean_nib, killed_mean)  # same seed, same samples as the killed run
+    assert sitk.ReadImage(str(out / "entropy.nii.gz")).GetSize() == (40, 40, 4)
+    seg = slicerio.read_segmentation(str(out / "samples.seg.nrrd"))
+    masks = np.stack([slicerio.segment_mask(seg, s) for s in seg["segments"]])
+    assert masks.shape == (4, 40, 40, 4) and np.allclose(masks.mean(0), mean_nib, atol=1e-6)
+    assert slicerio.segment_names(slicerio.read_segmentation(str(out / "consensus.seg.nrrd"))) == ["consensus"]
+    assert json.loads((out / "summary.json").read_text())["num_samples"] == 4
