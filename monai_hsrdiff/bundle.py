@@ -390,18 +390,32 @@ def _parse_cli(argv: list[str]) -> tuple[list[str], dict[str, str], dict[str, st
     return config_files, overrides, params, values
 
 
+def _is_number_literal(value: str) -> bool:
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return False
+    return parsed is None or (isinstance(parsed, (int, float)) and not isinstance(parsed, bool))
+
+
 def _check_bool_values(values: dict[str, str], definition_files: list[Path]) -> None:
     """Boolean keys must get ``True``/``False``: fire passes ``false`` on as the STRING "false",
-    which a config ``if @resume`` would read as true."""
+    which a config ``if @resume`` would read as true. Numeric keys must get a number: fire passes
+    ``--num_epochs x`` on as the string "x", which fails much later with a message that names
+    neither the key nor the value (and after the run folder was created)."""
     known: dict[str, Any] = {}
     for f in definition_files:
         known.update(_flatten(_load_json(f)))
     for key, value in values.items():
-        if isinstance(known.get(key), bool) and value not in ("", "True", "False"):
-            raise fail(
-                f"--{key} {value}: {key!r} is a boolean; write True or False (capitalised). "
-                f"The command line passes {value!r} on as a string, which would count as true."
-            )
+        default = known.get(key)
+        if isinstance(default, bool):
+            if value not in ("", "True", "False"):
+                raise fail(
+                    f"--{key} {value}: {key!r} is a boolean; write True or False (capitalised). "
+                    f"The command line passes {value!r} on as a string, which would count as true."
+                )
+        elif isinstance(default, (int, float)) and not value.startswith(("$", "@")) and not _is_number_literal(value):
+            raise fail(f"--{key} {value}: {key!r} is a number (default {default!r}); {value!r} is not a number.")
 
 
 def check_command_line(task: str, argv: list[str] | None = None) -> None:

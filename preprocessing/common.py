@@ -11,9 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_hsrdiff.utils import atomic_write_text
+from monai_hsrdiff.utils import atomic_write_text, unwritable_reason
 
-__all__ = ["DATALIST_NAME", "SPLITS", "RunSummary", "add_split_arguments", "split_by_patient", "write_datalist"]
+__all__ = [
+    "DATALIST_NAME",
+    "SPLITS",
+    "RunSummary",
+    "add_split_arguments",
+    "require_out_folder",
+    "split_by_patient",
+    "write_datalist",
+]
 
 DATALIST_NAME = "datalist.json"
 SPLITS = ("training", "validation", "test")
@@ -27,6 +35,17 @@ def add_split_arguments(parser, seed_help: str, overwrite_help: str) -> None:
         help="patient-level split fractions (default 0.7 0.1 0.2)",
     )
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
+def require_out_folder(out: str | os.PathLike, option: str = "--out") -> None:
+    """Raise ``ValueError`` unless ``out`` can be created or written; creates nothing.
+
+    Every preprocessing command calls it first, so a bad ``--out`` stops before any input is
+    read, with the folder and the reason, instead of an ``OSError`` after minutes of work.
+    """
+    reason = unwritable_reason(out)
+    if reason:
+        raise ValueError(f"cannot write {option} {out}: {reason}; choose another {option}")
 
 
 def split_by_patient(

@@ -46,7 +46,7 @@ from scipy.ndimage import gaussian_filter
 from monai_hsrdiff.utils import replace_dir
 from monai_hsrdiff.data.items import index_to_physical_matrix, save_item
 
-from .common import RunSummary, add_split_arguments, split_by_patient, write_datalist
+from .common import RunSummary, add_split_arguments, require_out_folder, split_by_patient, write_datalist
 
 __all__ = [
     "LIDC_HU_WINDOW",
@@ -441,8 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_split_arguments(p, seed_help="seed of the synthetic data and of the split", overwrite_help="replace an existing output folder")
     a = p.parse_args(argv)
     try:
+        require_out_folder(a.out)
         build_demo(a.task, a.out, a.num_items, a.size, a.seed, a.split_ratios, a.overwrite)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -42,7 +42,7 @@ from scipy import ndimage
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
 from monai_hsrdiff.utils import atomic_write_text, replace_dir
-from preprocessing.common import RunSummary, add_split_arguments, split_by_patient, write_datalist
+from preprocessing.common import RunSummary, add_split_arguments, require_out_folder, split_by_patient, write_datalist
 from preprocessing.pylidc_compat import import_pylidc
 
 __all__ = ["LidcOptions", "LidcPreparationError", "main", "nodule_items", "prepare_lidc", "prepare_patient"]
@@ -406,6 +406,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        require_out_folder(args.out)
         options = LidcOptions(args.spacing, args.size, args.min_readers, tuple(args.hu_window))
         prepare_lidc(
             args.dicom_root,

@@ -40,7 +40,15 @@ import numpy as np
 
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.utils import atomic_write_text, replace_dir
-from preprocessing.common import DATALIST_NAME, RunSummary, SPLITS, add_split_arguments, split_by_patient, write_datalist
+from preprocessing.common import (
+    DATALIST_NAME,
+    SPLITS,
+    RunSummary,
+    add_split_arguments,
+    require_out_folder,
+    split_by_patient,
+    write_datalist,
+)
 from preprocessing.pylidc_compat import import_pylidc
 
 __all__ = [
@@ -112,6 +120,8 @@ def load_lidc_pickle(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         PickleFormatError: not a dict of such records; names the key and the problem.
     """
     path = Path(path)
+    if path.is_dir():
+        raise PickleFormatError(f"--pickle {str(path)!r} is a folder; pass the pickle file itself (data_lidc.pickle)")
     if not path.is_file():
         raise FileNotFoundError(f"--pickle {str(path)!r}: no such file (the community's data_lidc.pickle)")
     with open(path, "rb") as f:
@@ -301,6 +311,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        require_out_folder(args.out)
         import_lidc_pickle(args.pickle, args.out, args.split, args.seed, args.split_ratios, args.overwrite)
     except (ValueError, OSError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)

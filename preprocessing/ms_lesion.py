@@ -56,7 +56,13 @@ from monai.utils import convert_to_numpy
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.utils import atomic_write_text, replace_dir
 
-from .common import RunSummary, add_split_arguments, split_by_patient, write_datalist
+from .common import (
+    RunSummary,
+    add_split_arguments,
+    require_out_folder,
+    split_by_patient,
+    write_datalist,
+)
 
 __all__ = [
     "MODALITIES",
@@ -174,7 +180,10 @@ def check_headers(tp: TimePoint, atol: float = 1e-3) -> None:
 
 
 def _read(path: Path) -> np.ndarray:
-    data = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+    try:
+        data = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+    except Exception as e:  # a cut .nii.gz passes the header check and fails here (EOFError, zlib.error, ...)
+        raise MSLesionInputError(f"cannot read the voxels of {path} (truncated or corrupt?): {type(e).__name__}: {e}") from e
     bad = ~np.isfinite(data)
     if bad.any():
         raise MSLesionInputError(f"{path}: {int(bad.sum())} NaN/inf voxels (of {data.size}); fix or re-export the volume")
@@ -485,8 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_split_arguments(p, seed_help="seed of the lesion-free slice choice and the split", overwrite_help="rebuild patients that are already finished")
     a = p.parse_args(argv)
     try:
+        require_out_folder(a.out)
         preprocess_ms_lesion(a.root, a.out, a.size, a.empty_share, a.seed, a.split_ratios, a.overwrite)
-    except (MSLesionInputError, ValueError) as e:
+    except (MSLesionInputError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

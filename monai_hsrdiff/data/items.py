@@ -98,6 +98,8 @@ def save_item(
 def load_item(path: str | os.PathLike) -> dict[str, Any]:
     """Read one item; ``meta`` comes back as a dict. Raises :class:`ItemFormatError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ItemFormatError(f"{path} is a folder, where an item file (.npz) is expected")
     if not path.is_file():
         raise ItemFormatError(f"item file not found: {path}")
     try:

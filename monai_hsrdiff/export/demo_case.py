@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,20 +110,29 @@ def demo_case(
         item = load_datalist(datalist, "test")[0]["item"]
     case = f"SYNTHETIC_{Path(item).stem}"
     inference_dir = Path(default_run_dir(task, "demo")) / "inference"
-    files = write_demo_source(item, inference_dir / "sources" / case, num_slices)
-    bundle = Path(bundle_root(task))
-    return infer(
-        bundle,
-        [str(f) for f in files] if len(files) > 1 else str(files[0]),
-        out=out or inference_dir / case,
-        checkpoint=checkpoint,
-        configs=[bundle / "demo.json", *configs],
-        num_samples=num_samples,
-        sampler="ddim",
-        steps=steps,
-        overwrite=overwrite,
-        seed=seed,
-    )
+    source_dir = inference_dir / "sources" / case
+    # folders this call creates: removed again when the export fails (no training yet, a bad
+    # checkpoint), so a refused export leaves the run folder as it was
+    created = [p for p in (source_dir, *source_dir.parents) if not p.exists()]
+    try:
+        files = write_demo_source(item, source_dir, num_slices)
+        bundle = Path(bundle_root(task))
+        return infer(
+            bundle,
+            [str(f) for f in files] if len(files) > 1 else str(files[0]),
+            out=out or inference_dir / case,
+            checkpoint=checkpoint,
+            configs=[bundle / "demo.json", *configs],
+            num_samples=num_samples,
+            sampler="ddim",
+            steps=steps,
+            overwrite=overwrite,
+            seed=seed,
+        )
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_hsrdiff.utils import replace_dir
+from monai_hsrdiff.utils import replace_dir, unwritable_reason
 from monai_hsrdiff.inference.source import InferenceInputError, SourceVolume
 from monai_hsrdiff.inference.volume import VolumePrediction
 
@@ -87,11 +87,15 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool = False) -> Path
     """Refuse an ``out`` that already holds results unless ``overwrite``; return it as a Path.
 
     Raises:
-        InferenceInputError: ``out`` is a file, or holds files and ``overwrite`` is False.
+        InferenceInputError: ``out`` is a file, cannot be created or written, or holds files
+            and ``overwrite`` is False.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InferenceInputError(f"--out {out} is a file; pass a folder path for the case")
+    reason = unwritable_reason(out)
+    if reason:
+        raise InferenceInputError(f"cannot write --out {out}: {reason}; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         held = sorted(p.name for p in out.iterdir())
         raise InferenceInputError(

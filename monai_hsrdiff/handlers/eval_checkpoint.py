@@ -12,19 +12,24 @@ from monai_hsrdiff.bundle import fail
 __all__ = ["load_checkpoint_for", "load_network_weights"]
 
 
-def load_network_weights(path: str | Path, network: torch.nn.Module, task: str = "") -> None:
+def load_network_weights(
+    path: str | Path, network: torch.nn.Module, task: str = "", option: str = "--eval_checkpoint"
+) -> None:
     """Load the network weights stored at ``path`` into ``network``.
 
     Accepts a bare state dict (what the best-metric ``model.pt`` holds) or a resume
     checkpoint (then its ``ema`` weights are used when present, else ``network``). A missing
     file, an unreadable file, or weights of another preset/configuration stop with a message
-    naming the file and the mismatching keys.
+    naming the file and the mismatching keys. ``option`` is the caller's option for the
+    checkpoint, named in the hint (``--checkpoint`` for inference).
     """
     path = Path(path)
+    if path.is_dir():
+        raise fail(f"checkpoint {path} is a folder; pass the checkpoint file (e.g. model.pt) with {option} PATH")
     if not path.is_file():
         raise fail(
             f"checkpoint not found: {path}\n  Train first (python -m monai.bundle run training --config_file "
-            f"bundles/{task or '<task>'}/train.json) or pass --eval_checkpoint PATH"
+            f"bundles/{task or '<task>'}/train.json) or pass {option} PATH"
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -227,9 +227,19 @@ def find_modalities(folder: str | os.PathLike, modalities: Sequence[str]) -> lis
     return found
 
 
+def _voxels_readable(img) -> bool:
+    try:
+        img.get_fdata(dtype=np.float32)
+    except Exception:  # noqa: BLE001 - any failure means this file is the bad one
+        return False
+    return True
+
+
 def _load_nifti(path: Path):
     import nibabel as nib
 
+    if path.is_dir():
+        raise InferenceInputError(f"--input: {path} is a folder, where a NIfTI file is expected")
     if not path.is_file():
         raise InferenceInputError(f"--input: NIfTI file {path} does not exist")
     try:
@@ -282,7 +292,13 @@ def read_nifti_source(
                 f"{tuple(ref.shape)}; affine\n{np.array2string(img.affine, precision=4)}\nvs\n"
                 f"{np.array2string(ref.affine, precision=4)}); resample all modalities onto one grid first"
             )
-    data = np.stack([np.asarray(img.get_fdata(dtype=np.float32)) for img in imgs])
+    try:
+        data = np.stack([np.asarray(img.get_fdata(dtype=np.float32)) for img in imgs])
+    except Exception as e:  # a cut .nii.gz has a readable header: the error comes with the voxels
+        bad_file = next((p for img, p in zip(imgs, paths) if not _voxels_readable(img)), paths[0])
+        raise InferenceInputError(
+            f"--input: cannot read the voxels of {bad_file} (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
     bad = ~np.isfinite(data)
     if bad.any():
         c = int(np.argwhere(bad)[0, 0])
