@@ -19,9 +19,7 @@ calls).
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from monai_hsrdiff.diffusion.pipeline import PRECISIONS
+from monai_hsrdiff.utils.atomic import remove_interrupted_writes
 from monai_hsrdiff.inference.source import (
     InferenceInputError,
     SourceVolume,
@@ -151,21 +150,6 @@ def _parse_slices(slices) -> tuple[int, int] | None:
     return int(a), int(b)
 
 
-def _remove_interrupted_writes(out: Path, say: Callable[[str], None]) -> None:
-    """Delete what a killed earlier write of ``out`` left beside it.
-
-    ``write_case`` builds a case in ``.<name>.*.partial`` and ``replace_dir`` parks the
-    replaced case in ``.<name>.*.old``; a kill leaves them behind, hidden but taking space.
-    They are never a result: ``out`` itself is only ever a complete case or absent.
-    """
-    if not out.parent.is_dir():
-        return
-    for suffix in ("partial", "old"):
-        for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.{suffix}")):
-            say(f"[hsrdiff] removing {stale}: left by an interrupted write of {out.name}")
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 def infer_case(
     network: nn.Module | None,
     diffusion,
@@ -247,7 +231,8 @@ def infer_case(
     if precision is not None and precision not in PRECISIONS:
         raise InferenceInputError(f"--precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     check_output_folder(out, overwrite)  # fail before any long work
-    _remove_interrupted_writes(Path(out), say)
+    # a killed earlier write leaves the case under .<name>.*.partial and a replaced one under .old
+    remove_interrupted_writes(out, ("partial", "old"), say)
     if network is None and predictor is None:
         raise ValueError("infer_case: give a network (and diffusion) or a predictor")
     if checkpoint is not None and network is not None:

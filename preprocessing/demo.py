@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from monai_hsrdiff.utils import replace_dir
+from monai_hsrdiff.utils import remove_interrupted_writes, replace_dir
 from monai_hsrdiff.data.items import index_to_physical_matrix, save_item
 
 from .common import RunSummary, add_split_arguments, require_out_folder, split_by_patient, write_datalist
@@ -385,6 +385,7 @@ def build_demo(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_interrupted_writes(out, ("tmp", "old"), log)  # a killed earlier build's hidden leftovers
     t0 = time.perf_counter()
     log(f"{SYNTHETIC_BANNER} (task {task}, seed {seed})")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

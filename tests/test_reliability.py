@@ -171,7 +171,8 @@ def test_determinism_across_processes(bundle_env) -> None:
 @pytest.mark.slow
 def test_killed_demo_build_leaves_nothing_finished(demo_data: Path, tmp_path: Path) -> None:
     """SIGKILL while ``python -m preprocessing.demo`` writes items: no output folder appears; a
-    re-run builds the same data set as an uninterrupted run (the session's demo data)."""
+    re-run removes the killed build's hidden folder and builds the same data set as an
+    uninterrupted run (the session's demo data)."""
     out = tmp_path / "demo_lidc"
     cmd = [PYTHON, "-m", "preprocessing.demo", "--task", "lidc", "--out", str(out)]
     cmd += ["--size", str(DEMO_SIZE), "--num-items", str(DEMO_ITEMS)]
@@ -184,7 +185,10 @@ def test_killed_demo_build_leaves_nothing_finished(demo_data: Path, tmp_path: Pa
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert not out.exists()  # the partial build sits under a temporary name only
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=180)
+    (leftover,) = tmp_path.glob(".demo_lidc.*.tmp")
+    rerun = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=180)
+    assert f"removing {leftover}: left by an interrupted write of demo_lidc" in rerun.stdout + rerun.stderr
+    assert not list(tmp_path.glob(".demo_lidc.*"))  # nothing hidden left behind
     ref = demo_data / "demo_lidc"
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())

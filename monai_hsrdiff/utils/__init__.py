@@ -1,4 +1,4 @@
-from .atomic import atomic_path, atomic_write_text, replace_dir
+from .atomic import atomic_path, atomic_write_text, remove_interrupted_writes, replace_dir
 from .paths import unwritable_reason
 
-__all__ = ["atomic_path", "atomic_write_text", "replace_dir", "unwritable_reason"]
+__all__ = ["atomic_path", "atomic_write_text", "remove_interrupted_writes", "replace_dir", "unwritable_reason"]

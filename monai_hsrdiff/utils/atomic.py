@@ -7,13 +7,14 @@ one, never a half-written file that looks valid.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "replace_dir"]
+__all__ = ["atomic_path", "atomic_write_text", "remove_interrupted_writes", "replace_dir"]
 
 
 @contextlib.contextmanager
@@ -67,3 +68,29 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     else:
         os.replace(tmp, final)
     return final
+
+
+def remove_interrupted_writes(
+    final: str | os.PathLike, suffixes: Sequence[str], log: Callable[[str], None] | None = print
+) -> list[Path]:
+    """Delete the hidden ``.<name>.*.<suffix>`` siblings of ``final`` that a killed write left.
+
+    Folder writers here build ``final`` under such a name (``mkdtemp(prefix=".<name>.")``) and
+    :func:`replace_dir` parks the replaced folder in ``.<name>.*.old``; a kill leaves them behind,
+    hidden but taking space. They are never a result (``final`` itself is complete or absent),
+    so the next run of the same writer removes them, saying so. Returns what was removed.
+    """
+    final = Path(final)
+    removed: list[Path] = []
+    if not final.parent.is_dir():
+        return removed
+    for suffix in suffixes:
+        for stale in sorted(final.parent.glob(f".{glob.escape(final.name)}.*.{suffix}")):
+            if log is not None:
+                log(f"[hsrdiff] removing {stale}: left by an interrupted write of {final.name}")
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
