@@ -1,5 +1,5 @@
-"""Real SIGKILLs at arranged moments: during a checkpoint write, mid-patient in preprocessing,
-and mid-export in inference.
+"""Real SIGKILLs at arranged moments: during a resume checkpoint write, during the best
+``model.pt`` write at validation, mid-patient in preprocessing, and mid-export in inference.
 
 Each victim is a real subprocess started through ``tests/fault_injection.py``, which makes one
 chosen write (the N-th call of a writer on a matching path) leave half its bytes, write a
@@ -117,6 +117,39 @@ def test_kill_during_checkpoint_write(env, tmp_path: Path) -> None:
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {total}
     assert not [p for p in ckpts.iterdir() if p.name.startswith("tmp")]
     assert (ckpts / "model.pt").is_file()
+
+
+
+@pytest.mark.slow
+def test_kill_during_validation_model_write(env, tmp_path: Path) -> None:
+    """SIGKILL inside the write of the best ``model.pt`` at the end-of-epoch validation: no
+    ``model.pt`` appears half-written (the write is atomic); ``--resume True`` from the last
+    iteration's checkpoint runs that epoch's validation again (it did not finish) and writes it."""
+    ckpts = Path(env["HSRDIFF_RUN_ROOT"]) / "lidc_demo" / "checkpoints"
+    marker, log = tmp_path / "stalled", tmp_path / "a.log"
+    # writes 1-3: the resume checkpoints of iterations 1-3; write 4: model.pt, during validation
+    inject = ["--target", "torch:save", "--out-arg", "1", "--match", "/checkpoints/", "--call", "4"]
+    proc = _start_stalling(inject, _train_args(), marker, log, env)
+    partial = _kill_at_marker(proc, marker, log)
+
+    assert partial.parent == ckpts and re.fullmatch(r"tmp[a-z0-9_]{8}", partial.name), partial
+    assert not (ckpts / "model.pt").exists()  # not half-written under its final name
+    assert "Epoch[1] Metrics" in log.read_text()  # killed after the metrics, in the model.pt write that follows
+    path, last = latest_checkpoint(ckpts)
+    assert path.name == "resume_checkpoint_3.pt" and last["epoch_end"] == {"done": False}  # saved before validation
+
+    res = subprocess.run([PYTHON, "-m", *_train_args("--resume", "True")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"[resume] removing {partial}:" in out and not partial.exists()
+    assert "[resume] epoch 1 ended but its end-of-epoch handlers (validation) did not finish" in out
+    assert not _STATS.search(out)  # no training iteration was run again
+    assert "Epoch[1] Metrics -- " in out and "Got new best metric of val_ged16" in out
+    best = torch.load(ckpts / "model.pt", map_location="cpu", weights_only=True)
+    assert best and all(torch.isfinite(v).all() for v in best.values() if torch.is_tensor(v))
+    path, last = latest_checkpoint(ckpts)
+    assert path.name == "resume_checkpoint_3.pt" and last["epoch_end"] == {"done": True}  # a later resume skips it
 
 
 # ------------------------------------------------------------------ 2. preprocessing, mid-patient

@@ -4,6 +4,13 @@ MONAI's ``CheckpointSaver`` writes with ``atomic=False``; a run killed during a 
 leaves a truncated file that looks like the newest checkpoint. This handler uses ignite's
 own ``Checkpoint`` with ``DiskSaver(atomic=True)`` (temporary file, then rename), and
 :func:`latest_checkpoint` skips any file that does not load, with a warning naming it.
+:class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` (the best ``model.pt``) with
+the same atomic writes.
+
+Each resume checkpoint also records whether the epoch-end handlers attached before the
+checkpointer (validation, in the bundles) had finished; a checkpoint written at the last
+iteration of an epoch whose validation was then killed makes :func:`resume_from_latest`
+run them again instead of silently skipping that validation.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.handlers import CheckpointLoader
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["ResumeCheckpointer", "latest_checkpoint", "require_fresh_run", "resume_from_latest"]
+__all__ = ["AtomicCheckpointSaver", "ResumeCheckpointer", "latest_checkpoint", "require_fresh_run", "resume_from_latest"]
 
 PREFIX = "resume"
+EPOCH_END = "epoch_end"  # checkpoint key of the epoch-end flag
 _STEP = re.compile(rf"^{PREFIX}_checkpoint_(\d+)\.pt$")
 # what DiskSaver(atomic=True) leaves when killed mid-write: tempfile.NamedTemporaryFile's name, never renamed
 _PARTIAL = re.compile(r"^tmp[a-z0-9_]{8}$")
@@ -50,6 +58,55 @@ class _SaveThenRemove(DiskSaver):
 
     def remove(self, filename: str) -> None:
         self._pending.append(filename)
+
+
+class _FixedNameSaver(_SaveThenRemove):
+    """Atomic saver for MONAI's ``CheckpointSaver``: optionally one fixed file name (``model.pt``)."""
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname, atomic=True, require_empty=False, create_dir=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def remove(self, filename: str) -> None:
+        super().remove(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) writing every file atomically.
+
+    MONAI's saver writes in place and, for a fixed ``key_metric_filename``, deletes the old
+    file first: a kill during the write of a new best ``model.pt`` leaves a truncated
+    ``model.pt`` and no previous best. Here the new file is written under a temporary name
+    and renamed over the old one, so ``model.pt`` is always a complete checkpoint.
+
+    Example::
+
+        AtomicCheckpointSaver("runs/lidc/checkpoints", {"network": net}, save_key_metric=True, key_metric_filename="model.pt")
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+            checkpoint = getattr(self, name)  # AttributeError if MONAI renames them: the tests notice
+            if checkpoint is not None:
+                checkpoint.save_handler = _FixedNameSaver(self.save_dir, getattr(checkpoint.save_handler, "filename", None))
+
+
+class _EpochEnd:
+    """Saved in every resume checkpoint: had the epoch-end handlers attached before the
+    checkpointer (validation) finished when it was written?"""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def state_dict(self) -> dict[str, bool]:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = bool(state.get("done", False))
 
 
 class ResumeCheckpointer:
@@ -90,24 +147,35 @@ class ResumeCheckpointer:
         self._checkpoint: Checkpoint | None = None
 
     def attach(self, engine: Engine) -> None:
+        """Attach to the trainer AFTER its own handlers, so an epoch-end save follows validation."""
+        self._epoch_end = _EpochEnd()
         self._checkpoint = Checkpoint(
-            self.save_dict,
+            {**self.save_dict, EPOCH_END: self._epoch_end},
             _SaveThenRemove(self.save_dir, atomic=True, require_empty=False, create_dir=True),
             filename_prefix=PREFIX,
             n_saved=self.n_saved,
             global_step_transform=lambda e, _: e.state.iteration,
+            greater_or_equal=True,  # re-writing the same iteration (to set the flag) is allowed
         )
-        if self.every_n_epochs:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs), self._save)
         if self.every_n_iterations:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self._save)
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self._iteration_save)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_save)
 
-    def _save(self, engine: Engine) -> None:
+    def _saved_now(self, engine: Engine) -> bool:
+        last = self._checkpoint.last_checkpoint if self._checkpoint else None
+        return bool(last) and str(last).endswith(f"_{engine.state.iteration}.pt")
+
+    def _iteration_save(self, engine: Engine) -> None:
         assert self._checkpoint is not None
-        # the same iteration can be hit by both events at an epoch end: save once
-        if self._checkpoint.last_checkpoint and str(self._checkpoint.last_checkpoint).endswith(f"_{engine.state.iteration}.pt"):
-            return
+        self._epoch_end.done = False
         self._checkpoint(engine)
+
+    def _epoch_save(self, engine: Engine) -> None:
+        assert self._checkpoint is not None
+        self._epoch_end.done = True
+        # the last iteration's checkpoint (written before validation) is re-written with the flag set
+        if self._saved_now(engine) or (self.every_n_epochs and engine.state.epoch % self.every_n_epochs == 0):
+            self._checkpoint(engine)
 
 
 def _candidates(save_dir: Path) -> list[tuple[int, Path]]:
@@ -160,6 +228,16 @@ def resume_from_latest(engine: Engine, save_dir: str, load_dict: dict[str, Any])
         flush=True,
     )
     CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location="cpu").attach(engine)
+    iteration, per_epoch = state.get("iteration"), state.get("epoch_length")
+    epoch_end = obj.get(EPOCH_END, {}) if isinstance(obj, dict) else {}
+    if epoch_end.get("done") is False and iteration and per_epoch and iteration % per_epoch == 0:
+        print(
+            f"[resume] epoch {iteration // per_epoch} ended but its end-of-epoch handlers (validation) did not "
+            "finish before the run stopped; running them again first",
+            flush=True,
+        )
+        # registered after the loader's STARTED handler: runs on the restored counters
+        engine.add_event_handler(Events.STARTED, lambda e: e.fire_event(Events.EPOCH_COMPLETED))
     return str(path)
 
 
