@@ -380,3 +380,22 @@ def test_crashed_training_run_is_marked_failed(tracked, tmp_path: Path) -> None:
     run = client.search_runs([client.get_experiment_by_name("crash").experiment_id])[0]
     assert run.info.status == "FAILED"
     assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)] == [1.0, 0.5]
+
+
+def test_resumed_training_continues_its_run(tracked) -> None:
+    # LAST in this module: it adds an epoch to the shared fixture's training run
+    client, root = tracked["client"], tracked["root"]
+    rid = tracked["runs"]["training"].info.run_id
+    res = _bundle(root, "training", "--num_epochs", str(EPOCHS + 1), "--resume", "True", "--val_interval", "1",
+                  "--val_sampling_steps", str(VAL_STEPS), "--val_max_items", "2")  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"continuing MLflow run {rid}" in res.stdout
+    runs = client.search_runs([tracked["exp"].experiment_id], filter_string="tags.`hsrdiff.role` = 'training'")
+    assert [r.info.run_id for r in runs] == [rid]  # no second training run
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["hsrdiff.resumed_at_iteration"] == str(EPOCHS * ITERS_PER_EPOCH)
+    # one step axis across the restart: iterations 1..9, validations at epochs 1..3
+    assert _steps(client, rid, "loss") == list(range(1, (EPOCHS + 1) * ITERS_PER_EPOCH + 1))
+    assert _steps(client, rid, "val_ged16") == [1, 2, 3]
+    assert run.data.params["max_epochs"] == str(EPOCHS)  # params stay those of the first start (immutable)

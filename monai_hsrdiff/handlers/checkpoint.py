@@ -228,6 +228,8 @@ def resume_from_latest(engine: Engine, save_dir: str, load_dict: dict[str, Any])
         flush=True,
     )
     CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location="cpu").attach(engine)
+    # read by handlers that run at STARTED before the loader (the MLflow handler continues its run)
+    engine.resumed_from = {"path": str(path), "iteration": state.get("iteration")}
     iteration, per_epoch = state.get("iteration"), state.get("epoch_length")
     epoch_end = obj.get(EPOCH_END, {}) if isinstance(obj, dict) else {}
     if epoch_end.get("done") is False and iteration and per_epoch and iteration % per_epoch == 0:

@@ -248,6 +248,8 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         if self.role == "validation" and key in _ACTIVE_TRAINING:
             self.cur_run = self.client.get_run(_ACTIVE_TRAINING[key])
             return True
+        if self.role == "training" and getattr(engine, "resumed_from", None) and self._continue_run(exp_id, engine):
+            return True
         tags = {
             TAG + "role": self.role,
             TAG + "run_dir": self.run_dir,
@@ -281,11 +283,31 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         self.cur_run = self.client.create_run(experiment_id=exp_id, run_name=name, tags=tags)
         if self.role == "training":
             _ACTIVE_TRAINING[key] = self.cur_run.info.run_id
-        if not self._exit_hook:
-            # a crash (exception, Ctrl-C, SystemExit) leaves no COMPLETED event: mark the run FAILED
-            atexit.register(self._mark_failed_at_exit)
-            self._exit_hook = True
+        self._register_exit_hook()
         self._log_run_info(engine, info, commit)
+        return True
+
+    def _continue_run(self, exp_id: str, engine: Engine) -> bool:
+        """A resumed training (``resume_from_latest`` marks the engine) continues its run dir's last
+        training run: one run per training, metrics on one step axis. Params are not logged again
+        (MLflow params are immutable); the resume points are kept in a tag."""
+        previous = self.client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{TAG}role` = 'training' and tags.`{TAG}run_dir` = '{self.run_dir}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not previous:
+            return False
+        run = previous[0]
+        iteration = str(engine.resumed_from.get("iteration"))
+        resumed = ",".join(filter(None, [run.data.tags.get(TAG + "resumed_at_iteration"), iteration]))
+        self.client.update_run(run.info.run_id, status="RUNNING")
+        self.client.set_tag(run.info.run_id, TAG + "resumed_at_iteration", resumed)
+        self.cur_run = self.client.get_run(run.info.run_id)
+        _ACTIVE_TRAINING[(self.store.uri, self.run_dir)] = run.info.run_id
+        self._register_exit_hook()
+        print(f"[hsrdiff] resumed at iteration {iteration}: continuing MLflow run {run.info.run_id}", flush=True)
         return True
 
     def _log_run_info(self, engine: Engine, info: dict, commit: tuple[str, bool] | None) -> None:
@@ -308,6 +330,12 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         if self.parser is not None:
             self.client.log_dict(self.cur_run.info.run_id, bundle_config(self.parser), "config/bundle_config.json")
             self.client.log_dict(self.cur_run.info.run_id, {k: str(v) for k, v in params.items()}, "config/params.json")
+
+    def _register_exit_hook(self) -> None:
+        # a crash (exception, Ctrl-C, SystemExit) leaves no COMPLETED event: mark the run FAILED
+        if not self._exit_hook:
+            atexit.register(self._mark_failed_at_exit)
+            self._exit_hook = True
 
     def _mark_failed_at_exit(self) -> None:
         if self.cur_run is not None and self.role != "validation":
