@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import statistics
 import sys
 import time
@@ -215,13 +216,16 @@ def ged_check(args, rows: list, data: dict) -> None:
     net.eval()
     images, masks = load_eval_items(datalist, args.ged_items)
     process = SelfRegulatedDiffusion()
-    variants: list[tuple[str, Any, int | None, bool]] = [("DDPM 250", DDPMSampler(process), None, False)]
-    variants += [(f"DDIM {s}", DDIMSampler(process, eta=0.0), s, False) for s in args.ddim_steps]
-    variants += [(f"DDIM {args.ddim_steps[1]} bf16", DDIMSampler(process, eta=0.0), args.ddim_steps[1], True)]
-    if args.ged_bf16_ddpm:
-        variants.append(("DDPM 250 bf16", DDPMSampler(process), None, True))
+    if args.ged_variants:
+        specs = args.ged_variants
+    else:  # DDPM-250, deterministic DDIM at each step count, DDIM at the middle count under bf16
+        specs = ["ddpm", *(f"ddim:{st}" for st in args.ddim_steps), f"ddim:{args.ddim_steps[1]}:0:bf16"]
+        specs += ["ddpm:bf16"] if args.ged_bf16_ddpm else []
     res = {}
-    for name, smp, steps, bf16 in variants:
+    if args.ged_reference:  # DDPM-250 of an earlier run on the same checkpoint, items and seed
+        res["DDPM 250"] = json.loads(Path(args.ged_reference).read_text())["ged_check"]["results"]["DDPM 250"]
+    for spec in specs:
+        name, smp, steps, bf16 = _ged_variant(spec, process)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = HSRDiffPipeline(net, smp, autocast_dtype=torch.bfloat16 if bf16 else None)(images, num_samples=16, num_inference_steps=steps,
@@ -230,6 +234,8 @@ def ged_check(args, rows: list, data: dict) -> None:
         r["seconds"] = time.perf_counter() - t0
         res[name] = r
         print(name, r, flush=True)
+    if "DDPM 250" not in res:
+        raise SystemExit("the GED16 comparison needs DDPM 250: add 'ddpm' to --ged-variants or give --ged-reference")
     ref = res["DDPM 250"]["ged_16"]
     for name, r in res.items():
         rel = (r["ged_16"] - ref) / ref
@@ -237,6 +243,20 @@ def ged_check(args, rows: list, data: dict) -> None:
                      f"{r['seconds']:.1f}"])  # fmt: skip
     data["ged_check"] = {"checkpoint": str(args.checkpoint), "items": int(images.shape[0]), "image_size": size,
                          "results": res}  # fmt: skip
+
+
+def _ged_variant(spec: str, process: SelfRegulatedDiffusion) -> tuple[str, Any, int | None, bool]:
+    """``ddpm[:bf16]`` or ``ddim:<steps>[:<eta>][:bf16]`` -> (row name, sampler, steps, bf16)."""
+    parts = spec.split(":")
+    bf16 = parts[-1] == "bf16"
+    parts = parts[:-1] if bf16 else parts
+    if parts == ["ddpm"]:
+        return "DDPM 250" + (" bf16" if bf16 else ""), DDPMSampler(process), None, bf16
+    if parts[0] == "ddim" and len(parts) in (2, 3):
+        steps, eta = int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
+        name = f"DDIM {steps}" + (f" eta={eta:g}" if eta else "") + (" bf16" if bf16 else "")
+        return name, DDIMSampler(process, eta=eta), steps, bf16
+    raise SystemExit(f"--ged-variants: cannot read {spec!r}; write ddpm[:bf16] or ddim:<steps>[:<eta>][:bf16]")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -429,6 +449,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ged-data", default=None, help="demo data folder of the checkpoint (default from its size)")
     p.add_argument("--ged-items", type=int, default=16)
     p.add_argument("--ged-bf16-ddpm", action="store_true", help="also score DDPM-250 under bf16 autocast")
+    p.add_argument("--ged-variants", nargs="+", default=None,
+                   help="samplers to score instead of the default set: ddpm[:bf16] or ddim:<steps>[:<eta>][:bf16]")
+    p.add_argument("--ged-reference", default=None,
+                   help="JSON of an earlier run (same checkpoint, items, seed) to take DDPM 250 from instead of rerunning it")
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--out", default=None, help="result stem (default benchmarks/results/sampling_<size>)")
     args = p.parse_args(argv)
