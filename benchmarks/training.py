@@ -82,6 +82,7 @@ def build(name: str, quick: bool):
             num_res_blocks=1 if quick else 2,
             num_head_channels=32 if not quick else 16,
             norm_num_groups=8 if quick else 32,
+            use_flash_attention=True,  # the same fused attention kernel HSRDiff uses by default
         )
 
         def loss_fn(image, label):
