@@ -109,12 +109,13 @@ def make_predictor(
     max_batch_size: int | str | None = "auto",
     kappa_log: list | None = None,
     precision: str | None = None,
+    eta: float = 1.0,
 ) -> Predictor:
     """A sliding-window predictor: (B, C, H, W) -> (B, N, H, W) continuous HSRDiff samples.
 
     ``num_inference_steps`` is ignored for DDPM (it always runs all T steps). Each call appends
     the mean κ per step to ``kappa_log`` when given. ``precision``: the pipeline's
-    ``autocast_dtype`` ("float32"/None, "bfloat16", "float16").
+    ``autocast_dtype`` ("float32"/None, "bfloat16", "float16"); ``eta``: DDIM's noise level.
     """
     from monai_hsrdiff.diffusion import HSRDiffPipeline, get_sampler
 
@@ -122,7 +123,7 @@ def make_predictor(
         raise InferenceInputError(
             f"export supports binary models (out_channels=1); this network has out_channels={network.out_channels}"
         )
-    pipe = HSRDiffPipeline(network, get_sampler(sampler, diffusion), autocast_dtype=precision)
+    pipe = HSRDiffPipeline(network, get_sampler(sampler, diffusion, eta=eta), autocast_dtype=precision)
     generator = torch.Generator().manual_seed(int(seed))  # CPU generator: same samples on any device
     steps = None if sampler == "ddpm" else num_inference_steps
 
@@ -160,6 +161,7 @@ def infer_case(
     num_samples: int = 16,
     sampler: SamplerName = "ddim",
     num_inference_steps: int | None = 50,
+    eta: float = 1.0,
     series_uid: str | None = None,
     slices: str | Sequence[int] | None = None,
     center: Sequence[float] | None = None,
@@ -192,6 +194,8 @@ def infer_case(
         num_samples: N samples per slice, >= 1.
         sampler: ``"ddim"`` (strided, ``num_inference_steps``) or ``"ddpm"`` (all T steps).
         num_inference_steps: DDIM steps.
+        eta: DDIM's noise level, 0 (deterministic) .. 1 (default: as diverse as DDPM; see
+            benchmarks/README.md, "Recommended sampler").
         series_uid: SeriesInstanceUID, needed when the DICOM folder holds several series.
         slices: ``"a:b"`` or ``(a, b)``: only slices a <= s < b along the model's slice axis.
         center, size: a box instead: centre and size along the array axes (i, j, k).
@@ -205,7 +209,7 @@ def infer_case(
         max_batch_size: largest number of samples the network denoises at once (``"auto"``: by
             device and image size, see ``HSRDiffPipeline``; it changes speed, not the samples).
         precision: "float32" (default, None), or "bfloat16" / "float16" to sample under autocast
-            (about 2.5x faster on CPUs with bf16 units, GED16 within 0.1 %; benchmarks/README.md).
+            (~1.7-1.9x per step on CPUs with bf16 units, GED16 within ~5 %; benchmarks/README.md).
         checkpoint: weights to load into ``network`` first (``model.pt`` or a resume checkpoint).
         predictor: replaces the HSRDiff sampler: (B, C, roi, roi) -> (B, N, roi, roi) values,
             mask = value > 0 (deterministic predictors make the geometry testable).
@@ -228,6 +232,8 @@ def infer_case(
         raise InferenceInputError(f"--num-samples must be an integer >= 1, got {num_samples!r}")
     if sampler not in ("ddim", "ddpm"):
         raise InferenceInputError(f"--sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0.0 <= float(eta) <= 1.0:
+        raise InferenceInputError(f"--eta must be a number in [0, 1], got {eta!r}")
     if precision is not None and precision not in PRECISIONS:
         raise InferenceInputError(f"--precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     check_output_folder(out, overwrite)  # fail before any long work
@@ -259,7 +265,8 @@ def infer_case(
     if predictor is None:
         network.eval()
         predictor = make_predictor(
-            network, diffusion, num_samples, sampler, num_inference_steps, seed, max_batch_size, kappa, precision
+            network, diffusion, num_samples, sampler, num_inference_steps, seed, max_batch_size, kappa, precision,
+            float(eta),
         )
     t_read = time.perf_counter() - t0
     say(f"[hsrdiff] {task}: {list(source.channel_names)} volume {source.shape}, region {region.lo}..{region.hi}, "
@@ -271,6 +278,7 @@ def infer_case(
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "sampler": sampler,
         "num_inference_steps": None if sampler == "ddpm" else num_inference_steps,
+        "eta": None if sampler == "ddpm" else float(eta),
         "precision": precision or "float32",
         "seed": int(seed),
         "preprocessing": pp.as_json(),
@@ -332,6 +340,7 @@ def infer(
     num_samples: int | None = None,
     sampler: SamplerName | None = None,
     steps: int | None = None,
+    eta: float | None = None,
     precision: str | None = None,
     series_uid: str | None = None,
     slices: str | Sequence[int] | None = None,
@@ -351,8 +360,8 @@ def infer(
             ``bundles/lidc/demo.json`` for a demo-trained model).
         checkpoint: default the config's ``checkpoint`` (``<run_dir>/checkpoints/model.pt``).
         out: default the config's ``output_dir`` (``<run_dir>/inference/<case>``).
-        num_samples, sampler, steps, precision, seed: default the config's ``num_samples``,
-            ``sampler``, ``sampling_steps``, ``precision``, ``seed``.
+        num_samples, sampler, steps, eta, precision, seed: default the config's ``num_samples``,
+            ``sampler``, ``sampling_steps``, ``sampler_eta``, ``precision``, ``seed``.
         Other arguments: as :func:`infer_case`.
 
     Example::
@@ -375,6 +384,7 @@ def infer(
         num_samples=int(num_samples if num_samples is not None else parser.get_parsed_content("num_samples")),
         sampler=sampler or parser.get_parsed_content("sampler"),
         num_inference_steps=steps if steps is not None else parser.get_parsed_content("sampling_steps"),
+        eta=eta if eta is not None else parser.get_parsed_content("sampler_eta"),
         precision=precision or parser.get_parsed_content("precision"),
         series_uid=series_uid,
         slices=slices,
@@ -400,9 +410,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="N samples (default from inference.json)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (DDPM always runs all T)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM noise level in [0, 1] (default from inference.json: 1.0; 0 = deterministic DDIM)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
-                   help="sampling precision (default from inference.json: float32); bfloat16 is ~2.5x faster on "
-                        "CPUs with bf16 units at no measured GED cost")
+                   help="sampling precision (default from inference.json: float32); bfloat16 is ~1.7-1.9x faster per step on "
+                        "CPUs with bf16 units; GED16 moved by up to ~5 %% in benchmarks/README.md")
     p.add_argument("--series-uid", default=None, help="SeriesInstanceUID when the folder holds several series")
     region = p.add_mutually_exclusive_group()
     region.add_argument("--slices", default=None, help="a:b, slices a <= s < b along the model's slice axis (0-based)")
@@ -433,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_samples=args.num_samples,
             sampler=args.sampler,
             steps=args.steps,
+            eta=args.eta,
             precision=args.precision,
             series_uid=args.series_uid,
             slices=args.slices,

@@ -302,16 +302,17 @@ def test_cli_real_model_dicom(ct_dir, lidc_ckpt, tmp_path, capsys):
     assert summary["num_samples"] == 4 and summary["sampler"] == "ddim" and summary["num_inference_steps"] == 3
     assert summary["checkpoint"] == str(ckpt) and len(summary["kappa_trace_mean"]) == 3
     assert summary["preprocessing"]["item_spacing_mm"] == 1.1
-    assert summary["precision"] == "float32"
+    assert summary["precision"] == "float32" and summary["eta"] == 1.0  # inference.json's defaults
 
-    # --precision bfloat16: the same case under bf16 autocast, nearly the same samples
+    # --precision bfloat16 --eta 0.5: bf16 autocast and less step noise, still mostly the same masks
     rc = main([
         "--bundle", str(REPO / "bundles/lidc"), "--config", str(REPO / "bundles/lidc/demo.json"), str(tiny),
         "--checkpoint", str(ckpt), "--input", str(ct_dir), "--out", str(tmp_path / "bf16"), "--num-samples", "4",
-        "--steps", "3", "--slices", "1:5", "--precision", "bfloat16",
+        "--steps", "3", "--slices", "1:5", "--precision", "bfloat16", "--eta", "0.5",
     ])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["precision"] == "bfloat16"
+    summary16 = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert summary16["precision"] == "bfloat16" and summary16["eta"] == 0.5
     bf16 = slicerio.read_segmentation(str(tmp_path / "bf16" / "samples.seg.nrrd"))
     masks16 = np.stack([slicerio.segment_mask(bf16, s) for s in bf16["segments"]])
     assert (masks16 == masks).mean() > 0.95
