@@ -101,6 +101,8 @@ def test_kill_and_resume(bundle_env, tmp_path: Path) -> None:
     # AdamW counted every step of all three runs: its state was restored at each resume
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {total}
     assert (ckpts / "model.pt").is_file()
+    # n_saved=2 holds across the restarts: the earlier runs' checkpoints were counted and removed
+    assert _steps(ckpts) == [total - 1, total]
 
 
 def test_latest_checkpoint_skips_damaged(tmp_path: Path) -> None:

@@ -157,9 +157,22 @@ class ResumeCheckpointer:
             global_step_transform=lambda e, _: e.state.iteration,
             greater_or_equal=True,  # re-writing the same iteration (to set the flag) is allowed
         )
+        self._adopted = False
         if self.every_n_iterations:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self._iteration_save)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_save)
+
+    def _adopt_existing(self, engine: Engine) -> None:
+        """Before the first save of a resumed run, count the earlier run's checkpoints as saved, so
+        ``n_saved`` bounds the folder across restarts (ignite's list starts empty, and each resume
+        would leave up to ``n_saved`` files nobody deletes). Only those older than the current
+        iteration: a newer one is a damaged file ``latest_checkpoint`` skipped, left for inspection."""
+        if self._adopted:
+            return
+        self._adopted = True
+        older = sorted((it, p.name) for it, p in _candidates(Path(self.save_dir)) if it < engine.state.iteration)
+        if older:
+            self._checkpoint.load_state_dict({"_saved": older})
 
     def _saved_now(self, engine: Engine) -> bool:
         last = self._checkpoint.last_checkpoint if self._checkpoint else None
@@ -167,11 +180,13 @@ class ResumeCheckpointer:
 
     def _iteration_save(self, engine: Engine) -> None:
         assert self._checkpoint is not None
+        self._adopt_existing(engine)
         self._epoch_end.done = False
         self._checkpoint(engine)
 
     def _epoch_save(self, engine: Engine) -> None:
         assert self._checkpoint is not None
+        self._adopt_existing(engine)
         self._epoch_end.done = True
         # the last iteration's checkpoint (written before validation) is re-written with the flag set
         if self._saved_now(engine) or (self.every_n_epochs and engine.state.epoch % self.every_n_epochs == 0):
