@@ -398,11 +398,18 @@ def _is_number_literal(value: str) -> bool:
     return parsed is None or (isinstance(parsed, (int, float)) and not isinstance(parsed, bool))
 
 
+#: Keys naming a sampling precision, checked at start-up: they are read only when the evaluator
+#: is built, after the run folder and the tracking store were created.
+_PRECISION_KEYS = ("val_precision", "eval_precision", "precision")
+
+
 def _check_bool_values(values: dict[str, str], definition_files: list[Path]) -> None:
     """Boolean keys must get ``True``/``False``: fire passes ``false`` on as the STRING "false",
     which a config ``if @resume`` would read as true. Numeric keys must get a number: fire passes
     ``--num_epochs x`` on as the string "x", which fails much later with a message that names
     neither the key nor the value (and after the run folder was created)."""
+    from monai_hsrdiff.diffusion.pipeline import PRECISIONS
+
     known: dict[str, Any] = {}
     for f in definition_files:
         known.update(_flatten(_load_json(f)))
@@ -416,6 +423,8 @@ def _check_bool_values(values: dict[str, str], definition_files: list[Path]) -> 
                 )
         elif isinstance(default, (int, float)) and not value.startswith(("$", "@")) and not _is_number_literal(value):
             raise fail(f"--{key} {value}: {key!r} is a number (default {default!r}); {value!r} is not a number.")
+        elif key in _PRECISION_KEYS and not value.startswith(("$", "@")) and value.strip("'\"") not in PRECISIONS:
+            raise fail(f"--{key} {value}: {key!r} must be one of {sorted(PRECISIONS)} (default {default!r}).")
 
 
 def check_command_line(task: str, argv: list[str] | None = None) -> None:
