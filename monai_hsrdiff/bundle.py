@@ -124,19 +124,16 @@ def require_datalist(dataset_dir: str, task: str, splits: list[str] | tuple[str,
 
 
 def require_writable(folder: str | Path, key: str = "run_dir") -> None:
-    """Stop unless ``folder`` can be created/written: its nearest existing ancestor must be a
-    writable directory. Creates nothing, so a refused run leaves the disk as it was."""
-    path = Path(folder).absolute()
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
+    """Stop unless ``folder`` can be created/written (``monai_hsrdiff.utils.unwritable_reason``).
+    Creates nothing, so a refused run leaves the disk as it was."""
+    from monai_hsrdiff.utils import unwritable_reason
+
+    reason = unwritable_reason(folder)
+    if reason:
         raise fail(
-            f"cannot write the {key} {path}: {probe} is a file, not a folder. "
+            f"cannot write the {key} {Path(folder).absolute()}: {reason}. "
             f"Choose another folder with --{key} DIR (or move HSRDIFF_RUN_ROOT)."
         )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise fail(f"cannot write the {key} {path}: no write permission on {probe}. Choose another folder with --{key} DIR.")
 
 
 def announce(datalist: str, run_dir: str, network=None) -> None:
