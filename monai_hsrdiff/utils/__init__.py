@@ -1,5 +1,32 @@
 from .atomic import atomic_path, atomic_write_text, remove_interrupted_writes, replace_dir
+from .outputs import (
+    MARKER_NAME,
+    STAMP_KEY,
+    OutputFolderError,
+    OutputLayout,
+    check_replaceable,
+    guard_output_path,
+    read_stamp,
+    repo_root,
+    unexpected_entries,
+    write_marker,
+)
 from .paths import unwritable_reason
-from .run_lock import RunFolderLocked, RunLock
 
-__all__ = ["RunFolderLocked", "RunLock", "atomic_path", "atomic_write_text", "remove_interrupted_writes", "replace_dir", "unwritable_reason"]
+__all__ = [
+    "MARKER_NAME",
+    "STAMP_KEY",
+    "OutputFolderError",
+    "OutputLayout",
+    "atomic_path",
+    "atomic_write_text",
+    "check_replaceable",
+    "guard_output_path",
+    "read_stamp",
+    "remove_interrupted_writes",
+    "replace_dir",
+    "repo_root",
+    "unexpected_entries",
+    "unwritable_reason",
+    "write_marker",
+]

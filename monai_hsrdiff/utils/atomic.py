@@ -10,6 +10,7 @@ import contextlib
 import glob
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -51,6 +52,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter before Python 3.13)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Swap the complete folder ``tmp`` in as ``final`` and return ``final``.
 
@@ -58,14 +66,21 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     then deleted, so a reader sees the old folder or the new one. ``tmp`` must be on the same
     file system (create it beside ``final``). A crash between the two renames leaves no
     ``final``, which every caller treats as "not finished yet".
+
+    The new ``final`` gets the permission bits of the folder it replaces, or, when there was
+    none, those of a folder made with ``mkdir`` (0o777 less the umask): ``mkdtemp`` creates
+    ``tmp`` as 0o700, which would silently lock a shared (e.g. 0o750) results folder away from
+    its group. ``final`` itself is replaced, so pass a symbolic link's target to write through it.
     """
     tmp, final = Path(tmp), Path(final)
     if final.exists():
+        os.chmod(tmp, stat.S_IMODE(final.stat().st_mode))
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
         os.replace(final, old / final.name)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
+        os.chmod(tmp, 0o777 & ~_umask())
         os.replace(tmp, final)
     return final
 
