@@ -12,12 +12,15 @@ from .outputs import (
     write_marker,
 )
 from .paths import unwritable_reason
+from .run_lock import RunFolderLocked, RunLock
 
 __all__ = [
     "MARKER_NAME",
     "STAMP_KEY",
     "OutputFolderError",
     "OutputLayout",
+    "RunFolderLocked",
+    "RunLock",
     "atomic_path",
     "atomic_write_text",
     "check_replaceable",
