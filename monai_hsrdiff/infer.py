@@ -47,7 +47,18 @@ from monai_hsrdiff.inference.volume import (
     predict_volume,
 )
 
-__all__ = ["bundle_infer_case", "case_name", "default_item_spacing", "infer", "infer_case", "main", "make_predictor", "read_source"]
+__all__ = [
+    "bundle_infer_case",
+    "bundle_modality",
+    "case_name",
+    "default_item_spacing",
+    "infer",
+    "infer_case",
+    "main",
+    "make_predictor",
+    "read_source",
+    "resolve_device",
+]
 
 SamplerName = Literal["ddim", "ddpm"]
 
@@ -59,6 +70,69 @@ def default_item_spacing(task: str) -> float | None:
 
         return LidcOptions().spacing
     return None
+
+
+def bundle_modality(bundle: str | os.PathLike) -> str | None:
+    """The DICOM ``Modality`` the bundle's model takes: ``metadata.json`` ->
+    ``network_data_format.inputs.image.modality`` (LIDC ``"CT"``); ``None`` without a metadata.json.
+
+    Example::
+
+        bundle_modality("bundles/lidc")   # 'CT'
+    """
+    import json
+
+    meta = Path(bundle) / "metadata.json"
+    if not meta.is_file():
+        return None
+    try:
+        value = json.loads(meta.read_text())["network_data_format"]["inputs"]["image"].get("modality")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InferenceInputError(
+            f"{meta}: cannot read network_data_format.inputs.image.modality ({type(e).__name__}: {e})"
+        ) from e
+    return None if value is None else str(value)
+
+
+def resolve_device(device: str | torch.device | None, option: str = "--device") -> torch.device | None:
+    """``device`` as a ``torch.device`` that exists on this machine (``None`` stays ``None``).
+
+    Checked before the network is built or a checkpoint read, so a typo or a missing GPU is one
+    message instead of a traceback from deep inside torch.
+
+    Raises:
+        InferenceInputError: not a device name, CUDA/MPS not available, or a GPU index beyond
+            the GPUs present (names the option, the value and what this machine has).
+
+    Example::
+
+        resolve_device("cpu")      # device(type='cpu')
+        resolve_device("banana")   # InferenceInputError: --device 'banana' is not a device ...
+    """
+    if device is None or (isinstance(device, str) and not device.strip()):
+        return None
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InferenceInputError(
+            f"{option} {device!r} is not a device; use cpu, cuda or cuda:N (N = GPU index)"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+            raise InferenceInputError(
+                f"{option} {device!r}: CUDA is not available on this machine (torch {torch.__version__}, {built}); "
+                f"use {option} cpu"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise InferenceInputError(f"{option} {device!r}: this machine has {n} GPU(s): cuda:0..cuda:{n - 1}")
+        return dev
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return dev
+    raise InferenceInputError(f"{option} {device!r}: device type {dev.type!r} is not available here; use cpu or cuda[:N]")
 
 
 def case_name(input: str | Sequence[str]) -> str:  # noqa: A002 - the bundle key is "input"
@@ -75,9 +149,16 @@ def case_name(input: str | Sequence[str]) -> str:  # noqa: A002 - the bundle key
     return name or "case"
 
 
-def read_source(task: str, input: str | Sequence[str], series_uid: str | None = None) -> SourceVolume:  # noqa: A002
+def read_source(
+    task: str,
+    input: str | Sequence[str],  # noqa: A002
+    series_uid: str | None = None,
+    modality: str | None = None,
+    allow_modality_mismatch: bool = False,
+) -> SourceVolume:
     """Read the scan for ``task``: LIDC a DICOM series folder (or one NIfTI CT volume in HU);
-    MS-Lesion the 4 NIfTI modalities (files in the order FLAIR, MPRAGE, PD, T2, or one folder)."""
+    MS-Lesion the 4 NIfTI modalities (files in the order FLAIR, MPRAGE, PD, T2, or one folder).
+    A DICOM series must have ``Modality`` ``modality`` unless ``allow_modality_mismatch``."""
     paths = [str(input)] if isinstance(input, (str, os.PathLike)) else [str(p) for p in input]
     if not paths:
         raise InferenceInputError("--input is empty; pass a DICOM series folder or NIfTI file(s)")
@@ -86,7 +167,7 @@ def read_source(task: str, input: str | Sequence[str], series_uid: str | None = 
             return read_nifti_source(paths, channel_names=("CT",))
         if len(paths) != 1:
             raise InferenceInputError(f"--input: LIDC takes one DICOM series folder (or one NIfTI CT volume), got {len(paths)} paths")
-        return read_dicom_source(paths[0], series_uid)
+        return read_dicom_source(paths[0], series_uid, modality, allow_modality_mismatch)
     if task == "ms_lesion":
         from preprocessing.ms_lesion import MODALITIES
 
@@ -163,6 +244,8 @@ def infer_case(
     num_inference_steps: int | None = 50,
     eta: float = 1.0,
     series_uid: str | None = None,
+    modality: str | None = None,
+    allow_modality_mismatch: bool = False,
     slices: str | Sequence[int] | None = None,
     center: Sequence[float] | None = None,
     size: Sequence[float] | None = None,
@@ -197,6 +280,9 @@ def infer_case(
         eta: DDIM's noise level, 0 (deterministic) .. 1 (default: as diverse as DDPM; see
             benchmarks/README.md, "Recommended sampler").
         series_uid: SeriesInstanceUID, needed when the DICOM folder holds several series.
+        modality: the DICOM ``Modality`` the model was trained on (:func:`bundle_modality`);
+            a DICOM series of another modality is refused. ``None``: not checked.
+        allow_modality_mismatch: run on a DICOM series of another modality anyway (a warning).
         slices: ``"a:b"`` or ``(a, b)``: only slices a <= s < b along the model's slice axis.
         center, size: a box instead: centre and size along the array axes (i, j, k).
         region_units: ``"voxel"`` or ``"mm"`` (centre then an LPS point) for ``center``/``size``.
@@ -245,7 +331,7 @@ def infer_case(
         from monai_hsrdiff.handlers import load_network_weights
 
         load_network_weights(checkpoint, network, task, option="--checkpoint")
-    source = read_source(task, input, series_uid)
+    source = read_source(task, input, series_uid, modality, bool(allow_modality_mismatch))
     if network is not None:
         expected = int(getattr(network, "in_channels", source.data.shape[0]))
         if source.data.shape[0] != expected:
@@ -350,6 +436,7 @@ def infer(
     overwrite: bool = False,
     seed: int | None = None,
     device: str | None = None,
+    allow_modality_mismatch: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> Path:
     """Build the bundle's network, load ``checkpoint`` and run :func:`infer_case` on ``input``.
@@ -362,16 +449,20 @@ def infer(
         out: default the config's ``output_dir`` (``<run_dir>/inference/<case>``).
         num_samples, sampler, steps, eta, precision, seed: default the config's ``num_samples``,
             ``sampler``, ``sampling_steps``, ``sampler_eta``, ``precision``, ``seed``.
+        device: ``cpu``, ``cuda``, ``cuda:N``; checked first (:func:`resolve_device`).
+        allow_modality_mismatch: run on a DICOM series whose Modality is not the bundle's
+            (``metadata.json``); default the config's ``allow_modality_mismatch``.
         Other arguments: as :func:`infer_case`.
 
     Example::
 
         infer("bundles/lidc", "/data/scan1/", out="runs/lidc/inference/scan1", num_samples=16)
     """
+    checked_device = resolve_device(device)  # before the bundle is parsed and the checkpoint read
     parser = _bundle_parser(bundle, configs)
     parser["input"] = str(input) if isinstance(input, (str, os.PathLike)) else [str(p) for p in input]
     task = parser.get_parsed_content("task")
-    dev = torch.device(device) if device else parser.get_parsed_content("device")
+    dev = checked_device if checked_device is not None else parser.get_parsed_content("device")
     network = parser.get_parsed_content("network_def", instantiate=True).to(dev)
     diffusion = parser.get_parsed_content("diffusion", instantiate=True)
     return infer_case(
@@ -387,6 +478,8 @@ def infer(
         eta=eta if eta is not None else parser.get_parsed_content("sampler_eta"),
         precision=precision or parser.get_parsed_content("precision"),
         series_uid=series_uid,
+        modality=bundle_modality(bundle),
+        allow_modality_mismatch=bool(allow_modality_mismatch or parser.get_parsed_content("allow_modality_mismatch")),
         slices=slices,
         center=center,
         size=size,
@@ -416,6 +509,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="sampling precision (default from inference.json: float32); bfloat16 is ~1.7-1.9x faster per step on "
                         "CPUs with bf16 units; GED16 moved by up to ~5 %% in benchmarks/README.md")
     p.add_argument("--series-uid", default=None, help="SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--allow-modality-mismatch", action="store_true",
+                   help="run on a DICOM series whose Modality (0008,0060) is not the one in the bundle's metadata.json "
+                        "(LIDC: CT); the predictions on such images are not validated")
     region = p.add_mutually_exclusive_group()
     region.add_argument("--slices", default=None, help="a:b, slices a <= s < b along the model's slice axis (0-based)")
     region.add_argument("--center", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="region centre (with --size)")
@@ -455,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             seed=args.seed,
             device=args.device,
+            allow_modality_mismatch=args.allow_modality_mismatch,
         )
     except BundleError as e:  # already printed by monai_hsrdiff.bundle.fail
         return int(e.code or 2)

@@ -20,7 +20,7 @@ import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["write_ct_series", "write_lidc_like_series"]
+__all__ = ["write_ct_series", "write_dicomdir", "write_lidc_like_series"]
 
 
 def write_ct_series(
@@ -143,3 +143,23 @@ def write_lidc_like_series(
         patient_id=scan.patient_id,
         seed=seed,
     )
+
+
+def write_dicomdir(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+    """Write a real DICOMDIR (pydicom's ``FileSet``) indexing ``paths`` and return its path.
+
+    ``FileSet`` writes ``out_dir/DICOMDIR`` and copies of the files under ``PT*/ST*/SE*/``, as a
+    CD/DVD export does. The STUDY and SERIES records need a few tags that
+    :func:`write_ct_series` does not write; the copies get them, the given files stay as they are.
+    """
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    fs = FileSet()
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.PatientName = ds.get("PatientID", "SYNTHETIC")
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.SeriesNumber = "20000101", "000000", "1", 1
+        fs.add(ds)
+    fs.write(out_dir)
+    return Path(out_dir) / "DICOMDIR"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,17 +132,31 @@ class SourceVolume:
 # ----------------------------------------------------------------------------- DICOM
 
 
-def read_dicom_source(folder: str | os.PathLike, series_uid: str | None = None) -> SourceVolume:
+def read_dicom_source(
+    folder: str | os.PathLike,
+    series_uid: str | None = None,
+    modality: str | None = None,
+    allow_modality_mismatch: bool = False,
+) -> SourceVolume:
     """Read the CT series under ``folder`` (searched recursively) in Hounsfield units.
 
     Args:
         folder: a folder holding one DICOM series (or several: then ``series_uid`` picks one).
         series_uid: SeriesInstanceUID to read; required when the folder holds several series.
+        modality: the DICOM ``Modality`` the model was trained on (e.g. ``"CT"``, from the
+            bundle's ``metadata.json``); ``None`` does not check it.
+        allow_modality_mismatch: read a series of another modality anyway (with a warning).
 
     Raises:
         InferenceInputError: not a folder; no DICOM file in it; several series and no
-            ``series_uid`` (the message lists each UID with its file count and folder).
-        DicomSeriesError: the series is not an image with geometry, has missing slices, etc.
+            ``series_uid`` (the message lists each UID with its file count and folder); a
+            ``Modality`` other than ``modality`` (names the file, the tag and both values).
+        DicomSeriesError: the series is not an image with geometry, has missing slices,
+            damaged header values (spacing, orientation, rescale) or NaN/inf pixels.
+
+    Example::
+
+        src = read_dicom_source("/data/case1/", modality="CT")   # an MR series is refused
     """
     from monai_hsrdiff.io.dicom import DicomIndex
 
@@ -171,6 +186,8 @@ def read_dicom_source(folder: str | os.PathLike, series_uid: str | None = None) 
         raise InferenceInputError(
             f"--series-uid {series_uid} is not under {folder}; the series there are: {', '.join(uids)}"
         )
+    if modality is not None:
+        _check_modality(index.by_series[series_uid], modality, allow_modality_mismatch)
     series = index.series(series_uid)
     hu = series.read_volume_hu()  # (K, rows, cols) = SimpleITK array order
     g = series.geometry
@@ -181,8 +198,26 @@ def read_dicom_source(folder: str | os.PathLike, series_uid: str | None = None) 
         channel_names=("CT",),
         files=[str(series.folder)],
         info={"format": "DICOM", "series_uid": series_uid, "study_uid": series.study_uid, "folder": str(series.folder),
-              "num_files": len(series)},  # fmt: skip
+              "num_files": len(series), "modality": series.headers[0].modality},  # fmt: skip
     )
+
+
+def _check_modality(headers: Sequence, expected: str, allow: bool) -> None:
+    """Refuse (or, with ``allow``, warn about) a series whose Modality (0008,0060) is not ``expected``."""
+    wrong = next((h for h in sorted(headers, key=lambda h: str(h.path)) if h.modality.upper() != expected.upper()), None)
+    if wrong is None:
+        return
+    found = repr(wrong.modality) if wrong.modality else "missing"
+    msg = (
+        f"--input: {wrong.path}: Modality (0008,0060) is {found}, but this model was trained on {expected!r} "
+        f"images (the bundle's metadata.json)"
+    )
+    if not allow:
+        raise InferenceInputError(
+            f"{msg}; its predictions on other images are meaningless. To run it anyway pass "
+            "--allow-modality-mismatch (bundle key allow_modality_mismatch true)"
+        )
+    warnings.warn(f"{msg}; running anyway (allow_modality_mismatch)", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -246,6 +281,13 @@ def _load_nifti(path: Path):
         img = nib.load(path)
     except Exception as e:  # nibabel raises several types for unreadable files
         raise InferenceInputError(f"--input: cannot read {path} as NIfTI: {type(e).__name__}: {e}") from e
+    if len(img.shape) > 3 and all(n == 1 for n in img.shape[3:]):
+        # (X, Y, Z, 1): one volume stored as a 4D series of one time point, as many converters write it;
+        # squeeze_image reads the voxels, so a cut file fails here
+        try:
+            img = nib.funcs.squeeze_image(img)
+        except Exception as e:  # noqa: BLE001 - gzip/zlib/nibabel raise several types for cut files
+            raise InferenceInputError(f"--input: cannot read the voxels of {path} (truncated or corrupt?): {type(e).__name__}: {e}") from e
     if len(img.shape) != 3:
         what = "a 2D image" if len(img.shape) < 3 else f"a {len(img.shape)}D image (several volumes?)"
         raise InferenceInputError(

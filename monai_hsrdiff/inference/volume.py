@@ -143,11 +143,12 @@ class Region:
 # ---------------------------------------------------------------------- preprocessing
 
 
-def zscore_brain(data: np.ndarray) -> np.ndarray:
+def zscore_brain(data: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
     """Z-score each channel over brain voxels exactly as ``preprocessing.ms_lesion`` does for training.
 
     Args:
         data: (C, *spatial) raw MRI intensities (skull-stripped: background exactly 0).
+        names: one name per channel for the messages (the input files); default "channel c".
 
     Raises:
         InferenceInputError: no voxel > 0, or a channel constant over the brain.
@@ -156,7 +157,9 @@ def zscore_brain(data: np.ndarray) -> np.ndarray:
     from preprocessing.ms_lesion import zscore_brain as _zscore
 
     try:
-        return _zscore(data, [f"--input channel {c}" for c in range(data.shape[0])])[0]
+        if names is None or len(names) != data.shape[0]:
+            names = [f"--input channel {c}" for c in range(data.shape[0])]
+        return _zscore(data, [str(n) for n in names])[0]
     except MSLesionInputError as e:
         raise InferenceInputError(str(e)) from e
 
@@ -308,7 +311,8 @@ def predict_volume(
     t0 = time.perf_counter()
     region = region or Region.whole(source.shape)
     axes = source.axes
-    data = zscore_brain(source.data) if preprocessing.task == "ms_lesion" else source.data
+    # source.files: one NIfTI per channel, so a constant modality is named by its file
+    data = zscore_brain(source.data, source.files) if preprocessing.task == "ms_lesion" else source.data
     planes = axes.to_plane(data)  # (C, slices, rows, cols)
     # the region box in display coordinates (rows/cols may be flipped relative to the array)
     def _span(axis: int, flip: bool) -> tuple[int, int]:

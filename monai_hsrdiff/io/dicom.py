@@ -12,7 +12,8 @@ Geometry follows ITK/SimpleITK (what ``sitk.ImageSeriesReader`` returns for the 
   number), ``k`` the slice, slices sorted by position along the slice normal
   ``n = row_cosine × column_cosine`` (ascending);
 - ``spacing = (PixelSpacing[1], PixelSpacing[0], slice spacing)`` — DICOM lists the row
-  spacing (between rows) first;
+  spacing (between rows) first; the slice spacing is the gap between slice positions, or for
+  a one-file series ``|SpacingBetweenSlices|`` (1 mm without it), as GDCM reads one file;
 - ``direction``: 9 numbers, row-major 3×3 matrix whose columns are the row cosine, the
   column cosine and the normal (``ImageOrientationPatient`` = row cosine + column cosine);
 - ``origin``: ``ImagePositionPatient`` of slice ``k = 0``; all points in LPS millimetres.
@@ -49,7 +50,14 @@ _INDEX_TAGS = (
     "PixelSpacing",
     "Rows",
     "Columns",
+    "Modality",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "SpacingBetweenSlices",
 )
+# PS3.10 names the directory file DICOMDIR; its SOP class is Media Storage Directory Storage
+_DICOMDIR_NAME = "DICOMDIR"
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 _GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 
 
@@ -59,7 +67,8 @@ class DicomSeriesError(ValueError):
 
 @dataclass(frozen=True)
 class DicomFileHeader:
-    """The indexed header fields of one DICOM file (``None`` where the tag is absent)."""
+    """The indexed header fields of one DICOM file (``None`` where the tag is absent; NaN where a
+    numeric tag holds text that is not a number)."""
 
     path: Path
     series_uid: str
@@ -71,6 +80,10 @@ class DicomFileHeader:
     pixel_spacing: tuple[float, float] | None
     rows: int | None
     columns: int | None
+    modality: str = ""
+    rescale_slope: float | None = None
+    rescale_intercept: float | None = None
+    spacing_between_slices: float | None = None
 
     def missing_geometry(self) -> list[str]:
         names = {"ImagePositionPatient": self.position, "ImageOrientationPatient": self.orientation,
@@ -134,10 +147,23 @@ def _floats(value, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n else None
 
 
-def _read_header(path: Path) -> DicomFileHeader:
+def _number(value) -> float | None:
+    """A numeric tag's value as a float: ``None`` when absent, NaN when it is not a number."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _read_header(path: Path) -> DicomFileHeader | None:
+    """The indexed fields, or ``None`` for a DICOMDIR (a media directory, not an image)."""
     import pydicom
 
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_INDEX_TAGS))
+    if str(getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", "")) == _MEDIA_STORAGE_DIRECTORY:
+        return None
     uid = ds.get("SeriesInstanceUID")
     if not uid:
         raise ValueError("no SeriesInstanceUID (0020,000E)")
@@ -154,6 +180,10 @@ def _read_header(path: Path) -> DicomFileHeader:
         pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
         rows=None if rows is None else int(rows),
         columns=None if cols is None else int(cols),
+        modality=str(ds.get("Modality", "") or "").strip(),
+        rescale_slope=_number(ds.get("RescaleSlope")),
+        rescale_intercept=_number(ds.get("RescaleIntercept")),
+        spacing_between_slices=_number(ds.get("SpacingBetweenSlices")),
     )
 
 
@@ -228,7 +258,19 @@ class DicomSeries:
             ) from e
         if arr.shape != (h.rows, h.columns):
             raise DicomSeriesError(f"{h.path}: pixel data has shape {arr.shape}, header says {(h.rows, h.columns)}")
-        return np.asarray(apply_rescale(arr, ds), dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow shows up as inf below
+            hu = np.asarray(apply_rescale(arr, ds), dtype=np.float32)
+        bad = ~np.isfinite(hu)
+        if bad.any():
+            # the header's slope/intercept were checked by DicomIndex.series: here the pixel data
+            # itself (Float Pixel Data may hold NaN) or the product overflows float32
+            stored = next((n for n in ("FloatPixelData", "DoubleFloatPixelData") if n in ds), "PixelData")
+            raise DicomSeriesError(
+                f"{h.path}: {int(bad.sum())} of {bad.size} pixel values of slice k={k} are NaN or infinite after the "
+                f"modality rescale ({stored}, RescaleSlope {ds.get('RescaleSlope', 1)}, RescaleIntercept "
+                f"{ds.get('RescaleIntercept', 0)}); a model cannot segment them: re-export the series"
+            )
+        return hu
 
     def read_volume_hu(self) -> np.ndarray:
         """All slices in HU, (K, rows, cols) float32 — NumPy order of ``sitk.GetArrayFromImage``."""
@@ -278,12 +320,16 @@ class DicomIndex:
             paths = tqdm(paths, desc=f"indexing DICOM headers under {root}", unit="file")
         headers, unreadable = [], {}
         for p in paths:
-            if not _looks_like_dicom(p):
+            # a DICOMDIR (the index of a CD/DVD export) is no image: skip it by name or SOP class
+            if p.name.upper() == _DICOMDIR_NAME or not _looks_like_dicom(p):
                 continue
             try:
-                headers.append(_read_header(p))
+                h = _read_header(p)
             except Exception as e:  # any parse failure makes the file unreadable, reported on use
                 unreadable[p] = f"{type(e).__name__}: {e}"
+                continue
+            if h is not None:
+                headers.append(h)
         return cls(root, headers, unreadable)
 
     @property
@@ -339,7 +385,36 @@ class DicomIndex:
                     f"(SOP class {_sop_class_name(h.sop_class_uid)}; missing {', '.join(missing)}); "
                     f"pass the SeriesInstanceUID of a CT image series"
                 )
+            _check_header_values(series_uid, h)
         return _validated_series(series_uid, files, rel_tol, abs_tol)
+
+
+def _check_header_values(series_uid: str, h: DicomFileHeader) -> None:
+    """Refuse header values no voxel grid or HU can be made of (0/negative/NaN spacing, NaN
+    position, degenerate orientation, NaN/inf rescale), naming the file and the tag."""
+
+    def bad(tag: str, value, why: str) -> DicomSeriesError:
+        return DicomSeriesError(
+            f"series {series_uid}: {h.path}: {tag} is {value}, {why}; the header is damaged: re-export the series"
+        )
+
+    ps = np.asarray(h.pixel_spacing, dtype=np.float64)
+    if not (np.all(np.isfinite(ps)) and np.all(ps > 0)):
+        raise bad("PixelSpacing (0028,0030)", list(h.pixel_spacing), "but both values must be finite and > 0 mm")
+    if not np.all(np.isfinite(h.position)):
+        raise bad("ImagePositionPatient (0020,0032)", list(h.position), "but all 3 values must be finite")
+    row_cos, col_cos = np.asarray(h.orientation[:3]), np.asarray(h.orientation[3:])
+    if not (
+        np.all(np.isfinite(h.orientation))
+        and abs(np.linalg.norm(row_cos) - 1) < 0.01
+        and abs(np.linalg.norm(col_cos) - 1) < 0.01
+        and abs(float(row_cos @ col_cos)) < 0.01
+    ):
+        raise bad("ImageOrientationPatient (0020,0037)", list(h.orientation),
+                  "but it must hold two orthogonal unit vectors (row and column direction cosines)")  # fmt: skip
+    for tag, value in (("RescaleSlope (0028,1053)", h.rescale_slope), ("RescaleIntercept (0028,1052)", h.rescale_intercept)):
+        if value is not None and not np.isfinite(value):
+            raise bad(tag, value, "so every Hounsfield unit would be NaN or infinite")
 
 
 def _validated_series(
@@ -400,7 +475,15 @@ def _validated_series(
                 f"with one spacing cannot represent this series"
             )
     else:
-        step = 1.0  # single slice: no spacing along the normal; 1 mm keeps the affine invertible
+        # one file: no gap to measure. GDCM (so SimpleITK's ImageSeriesReader and 3D Slicer) takes
+        # |SpacingBetweenSlices| and 1 mm without it (SliceThickness is not used); ITK refuses 0/NaN
+        sbs = files[0].spacing_between_slices
+        if sbs is not None and not (np.isfinite(sbs) and sbs != 0):
+            raise DicomSeriesError(
+                f"series {series_uid}: {files[0].path}: SpacingBetweenSlices (0018,0088) is {sbs}, but the one slice of "
+                "this series needs a finite non-zero slice spacing; the header is damaged: re-export the series"
+            )
+        step = 1.0 if sbs is None else abs(float(sbs))
     positions = np.array([h.position for h in files], dtype=np.float64)
     direction = np.stack([row_cos, col_cos, normal], axis=1)
     geometry = SeriesGeometry(
