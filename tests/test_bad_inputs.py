@@ -957,3 +957,201 @@ def test_checkpoint_missing_keys_and_damaged(tmp_path: Path, capsys) -> None:
     target = _tiny_net()
     load_network_weights(tmp_path / "full.pt", target, "lidc")
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), net.state_dict().values()))
+
+
+# --------- issue 12 points 6, 7: DICOM and NIfTI inputs of inference
+# Each case runs the real ``python -m monai_hsrdiff.infer`` (or ``monai.bundle run inference``)
+# with the tiny checkpoint of ``infer_src``: a refused run exits 2 with the file and the tag
+# named, no traceback, its input byte-identical and no --out; an accepted one writes the case.
+
+
+def _dicom_copy(infer_src: Path, tmp_path: Path, positions=None, **series) -> tuple[Path, list[Path]]:
+    """A fresh 16x16 CT series under ``tmp_path/ct`` (the 3 slices of ``infer_src/ct`` by default)."""
+    positions = positions or [(0, 0, z) for z in range(3)]
+    folder = tmp_path / "ct"
+    return folder, write_ct_series(folder, positions, lambda k: np.full((16, 16), -500.0), **series)
+
+
+def _edit(path: Path, **tags) -> None:
+    """Set header tags of one DICOM file as raw text (pydicom stores what a damaged scanner wrote)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for name, value in tags.items():
+        ds[name].value = value
+    ds.save_as(path)
+
+
+def _float_pixels_with_nan(path: Path) -> None:
+    """Turn the slice into Float Pixel Data (7FE0,0008) with one NaN pixel (no rescale tags)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    values = np.full((ds.Rows, ds.Columns), -500.0, dtype="<f4")
+    values[3, 4] = np.nan
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleSlope, ds.RescaleIntercept
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = values.tobytes()
+    ds.save_as(path)
+
+
+def _infer_refused(infer_src: Path, tmp_path: Path, inputs: Sequence[Path], *needles, task: str = "lidc",
+                   extra: Sequence = (), checkpoint=None) -> str:  # fmt: skip
+    """Run the real command on ``inputs``; assert refusal, the needles, unchanged inputs and no --out."""
+    watch = [p.parent if p.is_file() else p for p in inputs]
+    before = [tree(w) for w in watch]
+    out = tmp_path / "cases" / "new_case"
+    res = run_module("monai_hsrdiff.infer", _infer_argv(infer_src, task, inputs, out, checkpoint, *extra))
+    refused(res.returncode, res.output, *needles)
+    assert res.returncode == 2, res.output[-2000:]
+    for b, w in zip(before, watch):
+        assert tree(w) == b, f"{w} changed"
+    assert not out.exists() and not (tmp_path / "cases").exists()
+    return res.output
+
+
+DICOM_VALUE_CASES = {
+    "RescaleSlope NaN": ({"RescaleSlope": "NaN"}, "RescaleSlope (0028,1053) is nan"),
+    "RescaleIntercept inf": ({"RescaleIntercept": "inf"}, "RescaleIntercept (0028,1052) is inf"),
+    "PixelSpacing 0": ({"PixelSpacing": ["0", "0.7"]}, "PixelSpacing (0028,0030) is [0.0, 0.7]"),
+    "PixelSpacing negative": ({"PixelSpacing": ["-0.7", "0.7"]}, "PixelSpacing (0028,0030) is [-0.7, 0.7]"),
+    "Float Pixel Data NaN": (None, "FloatPixelData"),
+}
+
+
+@pytest.mark.parametrize("name", list(DICOM_VALUE_CASES))
+def test_infer_dicom_values_refused(name: str, infer_src: Path, tmp_path: Path) -> None:
+    """NaN/inf HU and zero/negative pixel spacing stop before sampling, naming the file and the tag
+    (before: a silent all-zero prediction; a SimpleITK traceback after sampling)."""
+    folder, paths = _dicom_copy(infer_src, tmp_path)
+    tags, needle = DICOM_VALUE_CASES[name]
+    bad = paths[1]
+    _float_pixels_with_nan(bad) if tags is None else _edit(bad, **tags)
+    out = _infer_refused(infer_src, tmp_path, [folder], str(bad), needle)
+    assert "re-export the series" in out and "slice 1/" not in out  # refused before the first slice is sampled
+
+
+def test_infer_single_slice_spacing_between_slices_zero(infer_src: Path, tmp_path: Path) -> None:
+    """One slice: its spacing comes from SpacingBetweenSlices (as GDCM reads it); 0 is refused."""
+    folder, paths = _dicom_copy(infer_src, tmp_path, positions=[(0, 0, 5)])
+    import pydicom
+
+    ds = pydicom.dcmread(paths[0])
+    ds.SpacingBetweenSlices = "0"
+    ds.save_as(paths[0])
+    _infer_refused(infer_src, tmp_path, [folder], str(paths[0]), "SpacingBetweenSlices (0018,0088) is 0.0")
+
+
+def test_infer_single_slice_geometry_equals_simpleitk(infer_src: Path, tmp_path: Path) -> None:
+    """The case written for a one-file series has the grid SimpleITK's ImageSeriesReader (and so
+    3D Slicer) reads for it: origin, spacing (3rd = SpacingBetweenSlices, not 1 mm) and direction."""
+    import SimpleITK as sitk
+
+    # a coronal slice with thickness 2.5 mm and slices 3 mm apart: the 3rd spacing is not 1 mm
+    folder, paths = _dicom_copy(infer_src, tmp_path, positions=[(-12.5, 40.25, 7.0)], orientation=(1, 0, 0, 0, 0, -1),
+                                pixel_spacing=(0.6, 0.8), slice_thickness=2.5)  # fmt: skip
+    import pydicom
+
+    ds = pydicom.dcmread(paths[0])
+    ds.SpacingBetweenSlices = 3.0
+    ds.save_as(paths[0])
+    before = tree(folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    ref = reader.Execute()
+    assert ref.GetSpacing()[2] == pytest.approx(3.0)  # what GDCM takes for one file
+
+    out = tmp_path / "case"
+    res = run_module("monai_hsrdiff.infer", _infer_argv(infer_src, "lidc", [folder], out))
+    assert res.returncode == 0 and "Traceback" not in res.output, res.output[-3000:]
+    assert tree(folder) == before
+    geometry = json.loads((out / "summary.json").read_text())["source"]["geometry"]
+    written = sitk.ReadImage(str(out / "mean_probability.nii.gz"))
+    for got in (geometry, {"size": written.GetSize(), "origin": written.GetOrigin(), "spacing": written.GetSpacing(),
+                           "direction": written.GetDirection()}):  # fmt: skip
+        assert list(got["size"]) == list(ref.GetSize())
+        np.testing.assert_allclose(got["origin"], ref.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(got["spacing"], ref.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(got["direction"], ref.GetDirection(), atol=1e-5)
+
+
+def test_infer_dicomdir_in_series_folder_is_skipped(infer_src: Path, tmp_path: Path) -> None:
+    """A DICOMDIR next to the slices (a flat CD export) is the index of the media, not a corrupt slice."""
+    from synthetic_dicom import write_dicomdir
+
+    folder, paths = _dicom_copy(infer_src, tmp_path)
+    shutil.copy(write_dicomdir(paths, tmp_path / "export"), folder / "DICOMDIR")
+    before = tree(folder)
+    out = tmp_path / "case"
+    res = run_module("monai_hsrdiff.infer", _infer_argv(infer_src, "lidc", [folder], out))
+    assert res.returncode == 0 and "Traceback" not in res.output, res.output[-3000:]
+    assert "DICOMDIR" not in res.output
+    assert tree(folder) == before
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["source"]["num_files"] == 3 and summary["source"]["geometry"]["size"] == [16, 16, 3]
+
+
+def test_infer_modality_mismatch(infer_src: Path, tmp_path: Path, run_bundle, bundle_env) -> None:
+    """An MR series into the CT bundle is refused (tag, value found, value expected, the option);
+    the bundle key ``allow_modality_mismatch`` runs it anyway, with a warning."""
+    folder, paths = _dicom_copy(infer_src, tmp_path)
+    for p in paths:
+        _edit(p, Modality="MR")
+    first = sorted(paths)[0]
+    _infer_refused(infer_src, tmp_path, [folder], str(first), "Modality (0008,0060) is 'MR'", "trained on 'CT'",
+                   "--allow-modality-mismatch", "allow_modality_mismatch")  # fmt: skip
+
+    before = tree(folder)
+    ckpt = tmp_path / "model.pt"
+    torch.save(_tiny_net_state_dict("lidc"), ckpt)
+    out = tmp_path / "allowed"
+    res = run_bundle(
+        ["run", "inference", "--config_file", bundle_files("lidc", "train", "inference", "demo"), *TINY_NET,
+         "--input", str(folder), "--checkpoint", str(ckpt), "--output_dir", str(out), "--num_samples", "1",
+         "--sampling_steps", "1", "--allow_modality_mismatch", "True"]
+    )  # fmt: skip
+    assert res.returncode == 0 and "Traceback" not in res.output, res.output[-3000:]
+    assert "running anyway (allow_modality_mismatch)" in res.output
+    assert (out / "summary.json").is_file() and tree(folder) == before
+
+
+def test_infer_nifti_with_a_trailing_length_one_axis(infer_src: Path, tmp_path: Path) -> None:
+    """A NIfTI of shape (X, Y, Z, 1) is one 3D volume; a real 4D (X, Y, Z, 2) is refused naming the file."""
+    four_d = tmp_path / "series" / "ct4d.nii.gz"
+    four_d.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.full((16, 16, 3, 2), -500.0, np.float32), np.diag([0.7, 0.7, 1.0, 1.0])), four_d)
+    _infer_refused(infer_src, tmp_path, [four_d], f"{four_d} is a 4D image (several volumes?) of shape (16, 16, 3, 2)")
+
+    one = tmp_path / "scan" / "ct_x_y_z_1.nii.gz"
+    one.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.full((16, 16, 3, 1), -500.0, np.float32), np.diag([0.7, 0.7, 1.0, 1.0])), one)
+    before = tree(one.parent)
+    out = tmp_path / "case"
+    res = run_module("monai_hsrdiff.infer", _infer_argv(infer_src, "lidc", [one], out))
+    assert res.returncode == 0 and "Traceback" not in res.output, res.output[-3000:]
+    assert tree(one.parent) == before
+    assert nib.load(out / "mean_probability.nii.gz").shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:0"])
+def test_infer_bad_device(device: str, infer_src: Path, tmp_path: Path) -> None:
+    """``--device banana`` and a GPU that is not there: one message, before the checkpoint is read
+    (the checkpoint given does not exist, so a later check would name it instead)."""
+    if device == "cuda:0" and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.device_count()}"  # one past the GPUs of this machine
+    expected = "is not a device" if device == "banana" else ("CUDA is not available" if not torch.cuda.is_available() else "GPU(s)")
+    folder, _ = _dicom_copy(infer_src, tmp_path)
+    out = _infer_refused(infer_src, tmp_path, [folder], f"--device {device!r}", expected,
+                         extra=("--device", device), checkpoint=tmp_path / "absent.pt")  # fmt: skip
+    assert "absent.pt" not in out
+
+
+def test_infer_ms_lesion_constant_modality_names_the_file(infer_src: Path, tmp_path: Path) -> None:
+    """MS-Lesion inference on a modality that is constant over the brain names that file, not "channel 3"."""
+    files = _write_ms(tmp_path / "ms")
+    img = nib.load(files[3])
+    vol = np.asarray(img.get_fdata(dtype=np.float32))
+    vol[vol > 0] = 300.0
+    nib.save(nib.Nifti1Image(vol, img.affine), files[3])
+    out = _infer_refused(infer_src, tmp_path, files, str(files[3]), task="ms_lesion")
+    assert "channel 3" not in out
