@@ -117,6 +117,9 @@ def require_datalist(dataset_dir: str, task: str, splits: list[str] | tuple[str,
         entries = doc.get(split)
         if not entries:
             raise fail(f"{path}: split {split!r} is missing or empty; re-run preprocessing with other --split-ratios")
+        bad = next((i for i, e in enumerate(entries) if not isinstance(e, dict) or not isinstance(e.get("item"), str)), None)
+        if bad is not None:
+            raise fail(f"{path}: split {split!r}, entry {bad}: expected {{\"item\": \"<item file>\"}}, got {entries[bad]!r}")
         missing = [e["item"] for e in entries if not (path.parent / e["item"]).is_file()]
         if missing:
             raise fail(f"{path}: {len(missing)} item file(s) of split {split!r} are missing, e.g. {missing[0]}")
@@ -136,10 +139,11 @@ def require_writable(folder: str | Path, key: str = "run_dir") -> None:
         )
 
 
-def announce(datalist: str, run_dir: str, network=None) -> None:
+def announce(datalist: str, run_dir: str, network=None, datasets: dict | None = None) -> None:
     """Print what this run uses: data set (and whether its images are SYNTHETIC), run folder, model size.
 
     Also checks that the run folder can be written (:func:`require_writable`), before any work.
+    ``datasets`` (split -> the :func:`make_dataset` it uses): building them checked every item.
     """
     require_writable(run_dir)
     doc = json.loads(Path(datalist).read_text())
@@ -151,7 +155,8 @@ def announce(datalist: str, run_dir: str, network=None) -> None:
             flush=True,
         )
     for split in ("training", "validation", "test"):
-        print(f"[hsrdiff]   {split}: {len(doc.get(split, []))} items", flush=True)
+        used = f" ({len(datasets[split])} used, checked)" if split in (datasets or {}) else ""
+        print(f"[hsrdiff]   {split}: {len(doc.get(split, []))} items{used}", flush=True)
     if network is not None:
         n = sum(p.numel() for p in network.parameters())
         print(f"[hsrdiff] network: {type(network).__name__}, {n / 1e6:.2f}M parameters", flush=True)
@@ -175,34 +180,17 @@ def make_dataset(
     max_items: int | None = None,
     cache: bool = False,
 ):
-    """The split's MONAI dataset, after checking its first item against the network's input.
-
-    Stops with a message naming the item file when its channel count differs from
-    ``in_channels`` or its size from ``image_size``: before any long work starts.
-    """
-    from monai_hsrdiff.data import ItemFormatError, get_dataset, load_datalist, load_item
+    """The split's MONAI dataset, after checking EVERY item it uses (``data.check_items``: format,
+    channels == ``in_channels``, size == ``image_size``; headers only), before any long work starts."""
+    from monai_hsrdiff.data import check_items, get_dataset, load_datalist
 
     try:
         entries = load_datalist(datalist, split)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+        if max_items is not None:
+            entries = entries[: int(max_items)]
+        check_items(entries, split, in_channels, image_size, datalist)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # DatalistError is a ValueError
         raise fail(str(e)) from e
-    if max_items is not None:
-        entries = entries[: int(max_items)]
-    try:
-        first = load_item(entries[0]["item"])
-    except ItemFormatError as e:
-        raise fail(str(e)) from e
-    c, h, w = first["image"].shape
-    if c != in_channels:
-        raise fail(
-            f"{entries[0]['item']}: image has {c} channel(s) but the network expects in_channels={in_channels}; "
-            f"set --in_channels {c} or use the data set this bundle was made for"
-        )
-    if image_size is not None and (h, w) != (image_size, image_size):
-        raise fail(
-            f"{entries[0]['item']}: image is {h}x{w} but the bundle's image_size is {image_size}; "
-            f"set --image_size {h} or re-run preprocessing with --size {image_size}"
-        )
     return get_dataset(entries, transforms=transforms, cache=cache)
 
 
@@ -496,13 +484,15 @@ def _excepthook(exc_type, exc, tb) -> None:
     if os.environ.get("HSRDIFF_TRACEBACK") or not any(_is_config_wrapper(e) for e in chain):
         sys.__excepthook__(exc_type, exc, tb)
         return
-    root = next((e for e in reversed(chain) if not _is_config_wrapper(e)), exc)
+    from monai_hsrdiff.engines.trainer import own_error
+
+    # our own error's message names the file or key (an ItemFormatError's, not that of the BadZipFile it wraps)
+    own = own_error(exc)
+    root = own or next((e for e in reversed(chain) if not _is_config_wrapper(e)), exc)
     if isinstance(root, BundleError):  # already printed by fail()
         return
-    from monai_hsrdiff.engines.trainer import NonFiniteLossError
-
-    if isinstance(root, NonFiniteLossError):
-        msg = str(root)
+    if own is not None:
+        msg = str(own)
     else:
         where = _config_id(tb)
         msg = f"{type(root).__name__}: {root}" + (f"\n  (while building config item {where!r})" if where else "")

@@ -792,7 +792,7 @@ def test_non_number_for_a_numeric_key(run_bundle, runs: Path) -> None:
     "args, needles",
     [
         (["--preset", "hsrdif"], ["get_preset: unknown preset name 'hsrdif'", "'hsrdiff'", "config item 'network_def'"]),
-        (["--val_sampler", "dpm"], ["get_sampler: unknown sampler 'dpm'", "'ddim'", "config item 'validate#sampler'"]),
+        (["--val_sampler", "dpm"], ["val_sampler = 'dpm': get_sampler: unknown sampler 'dpm'", "'ddim'"]),
         (["--val_precision", "bf16"], ["--val_precision bf16: 'val_precision' must be one of", "'bfloat16'"]),
     ],
 )

@@ -29,14 +29,15 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from monai_hsrdiff.utils import atomic_path
 
-__all__ = ["ITEM_KEYS", "ItemFormatError", "index_to_physical_matrix", "load_item", "save_item"]
+__all__ = ["ITEM_KEYS", "ItemFormatError", "ItemHeader", "index_to_physical_matrix", "load_item", "read_item_header", "save_item"]
 
 ITEM_KEYS = ("image", "masks", "item_to_index", "item_to_physical", "meta")
 
@@ -110,7 +111,67 @@ def load_item(path: str | os.PathLike) -> dict[str, Any]:
             out = {k: z[k] for k in ITEM_KEYS}
     except ItemFormatError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # zlib: a damaged deflate stream
         raise ItemFormatError(f"{path}: cannot read item file (truncated or corrupt?): {e}") from e
     out["meta"] = json.loads(str(out["meta"]))
     return out
+
+
+class ItemHeader(NamedTuple):
+    """Shapes and dtypes of an item's arrays, read without their pixels (:func:`read_item_header`)."""
+
+    image_shape: tuple[int, ...]
+    image_dtype: np.dtype
+    masks_shape: tuple[int, ...]
+    masks_dtype: np.dtype
+
+
+def _member_header(z: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    # the .npy header is the member's first bytes: only they are decompressed
+    with z.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return tuple(shape), dtype
+
+
+def read_item_header(path: str | os.PathLike) -> ItemHeader:
+    """Check an item file's structure and return its arrays' shapes and dtypes, cheaply.
+
+    Reads the zip directory and the ``.npy`` headers of ``image`` and ``masks`` only (about
+    0.1 ms per item), so every item of a data set can be checked before a run starts.
+    Truncation is caught (the zip directory sits at the end of the file); a damaged byte
+    inside the pixel data is only found when :func:`load_item` reads it.
+
+    Raises:
+        ItemFormatError: naming the file, when it is missing, not a readable ``.npz``, lacks
+            an item key, or its image/masks do not have the item format's shapes and dtypes.
+
+    Example::
+
+        read_item_header("data/demo_lidc/items/LIDC-IDRI-0001/n0_k87.npz").image_shape  # (1, 128, 128)
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ItemFormatError(f"{path} is a folder, where an item file (.npz) is expected")
+    if not path.is_file():
+        raise ItemFormatError(f"item file not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            missing = [k for k in ITEM_KEYS if f"{k}.npy" not in names]
+            if missing:
+                raise ItemFormatError(f"{path}: not an HSRDiff item file, missing keys {missing}")
+            image_shape, image_dtype = _member_header(z, "image")
+            masks_shape, masks_dtype = _member_header(z, "masks")
+    except ItemFormatError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ItemFormatError(f"{path}: cannot read item file (truncated or corrupt?): {e}") from e
+    if len(image_shape) != 3 or image_dtype != np.float32:
+        raise ItemFormatError(f"{path}: image must be (C, H, W) float32, got shape {image_shape} {image_dtype}")
+    if len(masks_shape) != 3 or masks_shape[1:] != image_shape[1:] or masks_shape[0] < 1 or masks_dtype != np.uint8:
+        raise ItemFormatError(
+            f"{path}: masks must be (A>=1, H, W) uint8 with H, W = {image_shape[1:]}, got shape {masks_shape} {masks_dtype}"
+        )
+    return ItemHeader(image_shape, image_dtype, masks_shape, masks_dtype)

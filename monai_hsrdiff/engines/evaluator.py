@@ -11,6 +11,7 @@ from monai.engines import SupervisedEvaluator
 from monai.utils import convert_to_tensor
 
 from monai_hsrdiff.diffusion.pipeline import HSRDiffPipeline, resolve_autocast_dtype
+from monai_hsrdiff.engines.trainer import own_error
 from monai_hsrdiff.metrics import entropy_map
 
 __all__ = ["HSRDiffEvaluator", "lower_is_better", "samples_to_masks"]
@@ -102,6 +103,12 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         self.progress = progress
         self._generator: torch.Generator | None = None
         self.add_event_handler(Events.STARTED, self._reset)
+
+    def _handle_exception(self, e: BaseException) -> None:
+        # as in HSRDiffTrainer: our own errors (a damaged item file) end with their message, no traceback
+        if own_error(e) is not None:
+            raise e
+        super()._handle_exception(e)
 
     def _reset(self, engine: HSRDiffEvaluator) -> None:
         gen_device = engine.state.device if engine.state.device.type == "cuda" else "cpu"

@@ -17,11 +17,27 @@ from monai.engines import SupervisedTrainer
 from monai.utils import convert_to_tensor
 from torch.optim import Optimizer
 
-__all__ = ["HSRDiffTrainer", "NonFiniteLossError"]
+__all__ = ["HSRDiffTrainer", "NonFiniteLossError", "own_error"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; training stops instead of stepping on garbage."""
+
+
+def own_error(exc: BaseException | None) -> BaseException | None:
+    """The outermost error of this project's own types (``monai_hsrdiff.*``) in ``exc``'s chain, or None.
+
+    Its message names the file or key at fault; the library errors around it do not: MONAI's
+    ``RuntimeError("applying transform ...")`` wraps it, and its cause (zipfile's
+    ``BadZipFile`` for a damaged item) names neither the file nor the split.
+    """
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        if type(exc).__module__.startswith("monai_hsrdiff."):
+            return exc
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class HSRDiffTrainer(SupervisedTrainer):
@@ -93,9 +109,10 @@ class HSRDiffTrainer(SupervisedTrainer):
         self.checkpoint_dir = checkpoint_dir
 
     def _handle_exception(self, e: BaseException) -> None:
-        # a non-finite loss is explained by its message: skip the EXCEPTION_RAISED handlers
-        # (StatsHandler logs a full traceback there), so the command line ends with the message
-        if isinstance(e, NonFiniteLossError):
+        # our own errors (a non-finite loss, a damaged item file) are explained by their message:
+        # skip the EXCEPTION_RAISED handlers (StatsHandler logs a full traceback there), so the
+        # command line ends with the message
+        if own_error(e) is not None:
             raise e
         super()._handle_exception(e)
 
