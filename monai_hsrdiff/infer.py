@@ -288,7 +288,8 @@ def infer_case(
         region_units: ``"voxel"`` or ``"mm"`` (centre then an LPS point) for ``center``/``size``.
         item_spacing: LIDC in-plane spacing (mm) of the training items; ``None`` = the scan's
             own spacing (the demo data); ``"default"`` = ``preprocessing.lidc``'s 0.5 mm.
-        overwrite: replace an ``out`` that holds results.
+        overwrite: replace an ``out`` that holds an earlier case of this command (only that:
+            a folder holding anything else is refused, naming the entries; nothing is deleted).
         seed: seeds the samples (a CPU generator, so CPU and GPU runs draw the same noise).
         device: model device; default the network's device.
         sw_batch_size, overlap: sliding-window batch and overlap.
@@ -322,7 +323,11 @@ def infer_case(
         raise InferenceInputError(f"--eta must be a number in [0, 1], got {eta!r}")
     if precision is not None and precision not in PRECISIONS:
         raise InferenceInputError(f"--precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    check_output_folder(out, overwrite)  # fail before any long work
+    # fail before the checkpoint is read and any sampling: an --out that overlaps the input or a
+    # protected folder, or holds anything but an earlier case (--overwrite replaces only that);
+    # a symbolic link is written through (``out`` becomes its target)
+    inputs = [input] if isinstance(input, (str, os.PathLike)) else list(input or [])
+    out = check_output_folder(out, overwrite, inputs)
     # a killed earlier write leaves the case under .<name>.*.partial and a replaced one under .old
     remove_interrupted_writes(out, ("partial", "old"), say)
     if network is None and predictor is None:
@@ -517,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     region.add_argument("--center", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="region centre (with --size)")
     p.add_argument("--size", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"), help="region size along the array axes i, j, k")
     p.add_argument("--units", choices=("voxel", "mm"), default="voxel", help="units of --center/--size: voxel index or LPS mm")
-    p.add_argument("--overwrite", action="store_true", help="replace a case folder that already holds results")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier case in --out (only a case this command wrote: other files are refused, never deleted)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: cuda if available)")
     return p

