@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, REPO, Result
+from conftest import PYTHON, REPO, TINY_NET, Result, bundle_files
 from synthetic_dicom import write_ct_series
 from test_bad_inputs import TINY_INFER, _state_dict, assert_unchanged, refused, tree
 
@@ -266,3 +266,22 @@ def test_demo_case_refuses_unrelated_out(demo_data: Path, tmp_path: Path) -> Non
     _refused_before_sampling(res, f"--out {x} holds entries that monai_hsrdiff.infer did not write: notes.txt")
     assert_unchanged(before, tmp_path)
     assert not runs.exists()  # not even the SYNTHETIC source volume
+
+
+# --------------------------------------------------------------- bundle inference.json (same rule)
+
+
+def test_bundle_inference_refuses_out_holding_input(run_bundle, src: Path, tmp_path: Path) -> None:
+    """``monai.bundle run inference`` (``bundle_infer_case``): ``output_dir`` holding the input series
+    is refused before the checkpoint is read, with ``overwrite`` true."""
+    p = tmp_path / "P"
+    ct = _series_copy(src, p / "ct")
+    (p / "report.pdf").write_bytes(b"%PDF report")
+    before = tree(p)
+    res = run_bundle(["run", "inference", "--config_file", bundle_files("lidc", "train", "inference", "demo"), *TINY_NET,
+                      "--input", str(ct), "--output_dir", str(p), "--overwrite", "True",
+                      "--checkpoint", str(tmp_path / "missing.pt")])  # fmt: skip
+    _refused_before_sampling(res, f"--out {p} contains the --input {ct}")
+    assert "ERROR: " in res.stderr
+    assert_unchanged(before, p)
+    assert not (tmp_path / "runs").exists()
