@@ -1010,12 +1010,13 @@ def _infer_refused(infer_src: Path, tmp_path: Path, inputs: Sequence[Path], *nee
     return res.output
 
 
+# name: (tags set as raw text, on every slice?, what the message says)
 DICOM_VALUE_CASES = {
-    "RescaleSlope NaN": ({"RescaleSlope": "NaN"}, "RescaleSlope (0028,1053) is nan"),
-    "RescaleIntercept inf": ({"RescaleIntercept": "inf"}, "RescaleIntercept (0028,1052) is inf"),
-    "PixelSpacing 0": ({"PixelSpacing": ["0", "0.7"]}, "PixelSpacing (0028,0030) is [0.0, 0.7]"),
-    "PixelSpacing negative": ({"PixelSpacing": ["-0.7", "0.7"]}, "PixelSpacing (0028,0030) is [-0.7, 0.7]"),
-    "Float Pixel Data NaN": (None, "FloatPixelData"),
+    "RescaleSlope NaN": ({"RescaleSlope": "NaN"}, False, "RescaleSlope (0028,1053) is nan"),
+    "RescaleIntercept inf": ({"RescaleIntercept": "inf"}, False, "RescaleIntercept (0028,1052) is inf"),
+    "PixelSpacing 0": ({"PixelSpacing": ["0", "0.7"]}, True, "PixelSpacing (0028,0030) is [0.0, 0.7]"),
+    "PixelSpacing negative": ({"PixelSpacing": ["-0.7", "0.7"]}, True, "PixelSpacing (0028,0030) is [-0.7, 0.7]"),
+    "Float Pixel Data NaN": (None, False, "FloatPixelData"),
 }
 
 
@@ -1024,9 +1025,11 @@ def test_infer_dicom_values_refused(name: str, infer_src: Path, tmp_path: Path) 
     """NaN/inf HU and zero/negative pixel spacing stop before sampling, naming the file and the tag
     (before: a silent all-zero prediction; a SimpleITK traceback after sampling)."""
     folder, paths = _dicom_copy(infer_src, tmp_path)
-    tags, needle = DICOM_VALUE_CASES[name]
-    bad = paths[1]
-    _float_pixels_with_nan(bad) if tags is None else _edit(bad, **tags)
+    tags, every_slice, needle = DICOM_VALUE_CASES[name]
+    # a spacing shared by all slices (else "differs between" stops it); the first file is named
+    bad = sorted(paths)[0] if every_slice else paths[1]
+    for p in paths if every_slice else [bad]:
+        _float_pixels_with_nan(p) if tags is None else _edit(p, **tags)
     out = _infer_refused(infer_src, tmp_path, [folder], str(bad), needle)
     assert "re-export the series" in out and "slice 1/" not in out  # refused before the first slice is sampled
 
