@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -42,7 +43,7 @@ import shutil
 import sys
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ __all__ = [
     "main",
     "preprocess_ms_lesion",
     "slice_item_to_index",
+    "volume_shape",
 ]
 
 MODALITIES = ("flair", "mprage", "pd", "t2")  # channel order of the items
@@ -155,23 +157,61 @@ def find_time_points(root: str | os.PathLike) -> dict[str, list[TimePoint]]:
     return out
 
 
+@contextlib.contextmanager
+def _time_point_errors(tp: TimePoint) -> Iterator[None]:
+    """Prefix every :class:`MSLesionInputError` raised inside with the patient and time point."""
+    prefix = f"patient {tp.patient}, time point {tp.time_point}: "
+    try:
+        yield
+    except MSLesionInputError as e:
+        if str(e).startswith(prefix):
+            raise
+        raise MSLesionInputError(prefix + str(e)) from e
+
+
+def volume_shape(shape: Sequence[int], path: str | os.PathLike) -> tuple[int, int, int]:
+    """The 3D shape of a NIfTI whose array shape is ``shape``: trailing singleton axes dropped.
+
+    Converters often write a 3D volume as (X, Y, Z, 1) (one time point, NIfTI dim 4 = 1);
+    that is the same volume. A real 4D series (X, Y, Z, k > 1) or a 2D image is refused.
+
+    Example::
+
+        volume_shape((24, 24, 12, 1), "t2.nii")  # (24, 24, 12)
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
+        kind = f"a {len(shape)}D series of {int(np.prod(shape[3:]))} volumes" if len(shape) > 3 else f"a {len(shape)}D image"
+        raise MSLesionInputError(f"{path}: expected a 3D volume, got {kind} (shape {shape}); pass one 3D volume per file")
+    return shape[:3]
+
+
+def _load(path: Path) -> tuple[Any, tuple[int, int, int]]:
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises several types for unreadable files
+        raise MSLesionInputError(f"cannot read {path}: {e}") from e
+    return img, volume_shape(img.shape, path)
+
+
 def check_headers(tp: TimePoint, atol: float = 1e-3) -> None:
-    """All six files of a time point must be 3D with the same shape and affine (headers only)."""
+    """All six files of a time point must be 3D with the same shape and affine (headers only).
+
+    A file of shape (X, Y, Z, 1) counts as the 3D volume (X, Y, Z) (:func:`volume_shape`).
+    Errors name the file, the patient and the time point.
+    """
+    with _time_point_errors(tp):
+        _check_headers(tp, atol)
+
+
+def _check_headers(tp: TimePoint, atol: float) -> None:
     files = [tp.images[m] for m in MODALITIES] + [tp.masks[r] for r in RATERS]
     ref_file = files[0]
-    try:
-        ref = nib.load(ref_file)
-    except Exception as e:  # nibabel raises several types for unreadable files
-        raise MSLesionInputError(f"cannot read {ref_file}: {e}") from e
-    if len(ref.shape) != 3:
-        raise MSLesionInputError(f"{ref_file}: expected a 3D volume, got shape {ref.shape}")
+    ref, ref_shape = _load(ref_file)
     for f in files[1:]:
-        try:
-            img = nib.load(f)
-        except Exception as e:
-            raise MSLesionInputError(f"cannot read {f}: {e}") from e
-        if img.shape != ref.shape:
-            raise MSLesionInputError(f"shape mismatch: {f} has shape {img.shape} but {ref_file} has {ref.shape}")
+        img, shape = _load(f)
+        if shape != ref_shape:
+            raise MSLesionInputError(f"shape mismatch: {f} has shape {shape} but {ref_file} has {ref_shape}")
         if not np.allclose(img.affine, ref.affine, atol=atol):
             raise MSLesionInputError(
                 f"affine mismatch: {f} and {ref_file} are not on the same voxel grid\n"
@@ -180,8 +220,9 @@ def check_headers(tp: TimePoint, atol: float = 1e-3) -> None:
 
 
 def _read(path: Path) -> np.ndarray:
+    img, shape = _load(path)
     try:
-        data = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as e:  # a cut .nii.gz passes the header check and fails here (EOFError, zlib.error, ...)
         raise MSLesionInputError(f"cannot read the voxels of {path} (truncated or corrupt?): {type(e).__name__}: {e}") from e
     bad = ~np.isfinite(data)
@@ -262,7 +303,9 @@ def zscore_brain(vols: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np
     """
     brain = (vols > 0).any(axis=0)
     if not brain.any():
-        raise MSLesionInputError(f"{names[0]}: no voxel > 0 in any modality; expected skull-stripped images (background 0)")
+        raise MSLesionInputError(
+            f"no voxel > 0 in any of {', '.join(map(str, names))}; expected skull-stripped images (background 0)"
+        )
     out = np.zeros(vols.shape, dtype=np.float32)
     stats = {}
     for c, name in enumerate(names):
@@ -279,6 +322,13 @@ def _time_point_items(
     tp: TimePoint, root: Path, size: int, empty_share: float, seed: int
 ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]]:
     """Build the (name, image, masks, item_to_index, item_to_physical, meta) of one time point."""
+    with _time_point_errors(tp):
+        return _time_point_items_checked(tp, root, size, empty_share, seed)
+
+
+def _time_point_items_checked(
+    tp: TimePoint, root: Path, size: int, empty_share: float, seed: int
+) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]]:
     check_headers(tp)
     vols = np.stack([_read(tp.images[m]) for m in MODALITIES])  # (4, X, Y, Z)
     masks = np.stack([_read(tp.masks[r]) > 0 for r in RATERS])  # (2, X, Y, Z)
