@@ -351,8 +351,11 @@ class DicomIndex:
             DicomSeriesError: no such series under the root (names the UID and the root); the
                 UID in two folders; an unreadable file in the series' folder; a file that is
                 not an image with geometry; mixed orientation/size/pixel spacing; missing
-                slices (a gap that is a multiple of the spacing) or inconsistent spacing —
-                each message names the files or positions involved.
+                slices (a gap that is a multiple of the spacing) or inconsistent spacing;
+                a header value no grid or HU can be made of (PixelSpacing 0/negative/NaN,
+                NaN position, degenerate orientation, NaN/inf RescaleSlope/Intercept, a
+                one-file series with SpacingBetweenSlices 0/NaN) — each message names the
+                files or positions involved and the tag.
         """
         series_uid = str(series_uid).strip()
         files = self.by_series.get(series_uid)
