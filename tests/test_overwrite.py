@@ -5,9 +5,11 @@ Every case runs the real command in a subprocess (``python -m monai_hsrdiff.infe
 exit code, the message (the folder and the offending entries named, no ``Traceback``) and that
 every file that was there before is byte-identical afterwards (:func:`tree` snapshots).
 
-Refusals must come before any long work. The infer refusals prove it with a checkpoint path
-that does not exist: the message is about ``--out``, not the checkpoint (which is read only
-after the output checks), and the sampling progress line (``[hsrdiff] lidc: ...``) never shows.
+Refusals must come before any long work: the sampling progress line (``[hsrdiff] lidc: ...``)
+never shows. Most infer refusals also pass a checkpoint path that does not exist, so the message
+must be about ``--out``, not the checkpoint (read only after the output checks); the two headline
+cases (an ``--out`` holding the input, an unrelated folder) pass a loadable checkpoint instead,
+so that on the old code they really sample and then delete the folder.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def test_infer_out_is_parent_of_input(src: Path, tmp_path: Path) -> None:
     ct = _series_copy(src, p / "ct")
     (p / "notes.txt").write_text("the patient's notes")
     before = tree(p)
-    res = _run("monai_hsrdiff.infer", _infer(src, ct, p, "--overwrite", checkpoint=tmp_path / "missing.pt"))
+    # a loadable checkpoint: the old code sampled, then swapped P for the case (the series and notes gone)
+    res = _run("monai_hsrdiff.infer", _infer(src, ct, p, "--overwrite"))
     _refused_before_sampling(res, f"--out {p} contains the --input {ct}", "would replace the input")
     assert_unchanged(before, p)
 
@@ -103,7 +106,7 @@ def test_infer_overwrite_refuses_unrelated_folder(src: Path, tmp_path: Path) -> 
     (x / "thesis" / "chapter1.tex").write_text("years of work")
     (x / "summary.json").write_text('{"mine": true}')  # a case file name is not enough to make it a case
     before = tree(tmp_path)
-    res = _run("monai_hsrdiff.infer", _infer(src, src / "ct", x, "--overwrite", checkpoint=tmp_path / "missing.pt"))
+    res = _run("monai_hsrdiff.infer", _infer(src, src / "ct", x, "--overwrite"))  # old code: sampled, then deleted X
     _refused_before_sampling(res, f"--out {x} holds entries that monai_hsrdiff.infer did not write: thesis",
                              "nothing was deleted")  # fmt: skip
     assert_unchanged(before, tmp_path)
