@@ -117,3 +117,10 @@ def test_pipeline_autocast_dtype():
     for bad in (torch.int8, "bf16", 16):
         with pytest.raises(ValueError, match="autocast_dtype"):
             HSRDiffPipeline(net, sampler, autocast_dtype=bad)
+
+
+def test_datalist_check_quick(tmp_path):
+    """The start-up item check's benchmark (issue 12, point 4): runs and reports a finite rate."""
+    data = _run("datalist_check", tmp_path)["data"]
+    assert data["num_items"] == 200 and data["items_per_s"] > 0 and math.isfinite(data["s_per_10k_items"])
+    assert 0 < data["cpu_s_per_10k_items"] and data["budget_s_per_10k_items"] == 2.0

@@ -26,6 +26,8 @@ Files are written atomically (temporary name, then rename).
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import zipfile
@@ -126,13 +128,27 @@ class ItemHeader(NamedTuple):
     masks_dtype: np.dtype
 
 
-def _member_header(z: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    # the .npy header is the member's first bytes: only they are decompressed
-    with z.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
+@functools.lru_cache(maxsize=256)
+def _parse_npy_header(raw: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    # NumPy's own parser (a literal_eval, the slowest step); the items of one data set share
+    # a handful of distinct headers, so each is parsed once
+    f = io.BytesIO(raw)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
     return tuple(shape), dtype
+
+
+def _member_header(z: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    # the .npy header is the member's first bytes (magic, length, dict): only they are decompressed
+    with z.open(f"{key}.npy") as f:
+        start = f.read(8)
+        if len(start) < 8 or start[:6] != b"\x93NUMPY":
+            raise ValueError(f"{key}.npy is not a .npy array")
+        size = 2 if start[6] == 1 else 4
+        length = f.read(size)
+        raw = start + length + f.read(int.from_bytes(length, "little"))
+    return _parse_npy_header(raw)
 
 
 def read_item_header(path: str | os.PathLike) -> ItemHeader:
