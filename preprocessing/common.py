@@ -5,19 +5,30 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_hsrdiff.utils import atomic_write_text, unwritable_reason
+from monai_hsrdiff.utils import (
+    OutputFolderError,
+    OutputLayout,
+    atomic_write_text,
+    check_replaceable,
+    guard_output_path,
+    unexpected_entries,
+    unwritable_reason,
+)
 
 __all__ = [
     "DATALIST_NAME",
     "SPLITS",
     "RunSummary",
     "add_split_arguments",
+    "check_output_folder",
+    "converter_layout",
     "require_out_folder",
     "split_by_patient",
     "write_datalist",
@@ -46,6 +57,117 @@ def require_out_folder(out: str | os.PathLike, option: str = "--out") -> None:
     reason = unwritable_reason(out)
     if reason:
         raise ValueError(f"cannot write {option} {out}: {reason}; choose another {option}")
+
+
+_HIDDEN_LEFTOVER = re.compile(r"^\..+\.(tmp|partial|old)")  # mkdtemp/atomic_path/replace_dir names of a killed write
+
+
+def _read_datalist(folder: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((folder / DATALIST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def stray_item_files(out: Path, unit: str | None, manifest: str) -> list[str]:
+    """Paths under ``out/items`` a converter would not have written (``items/...``, sorted).
+
+    A converter writes ``items/<unit>/*.npz`` plus ``<unit>/<manifest>`` for every unit
+    (``unit`` a regular expression of the folder names, e.g. a patient id), or, with
+    ``unit=None``, ``items/*.npz`` plus ``items/<manifest>``. Hidden leftovers of its own
+    killed writes are allowed; it removes them itself.
+    """
+    items = out / "items"
+    if not items.exists():
+        return []
+    if not items.is_dir():
+        return ["items"]
+
+    def files_ok(folder: Path, rel: str) -> list[str]:
+        return [
+            f"{rel}/{p.name}" for p in sorted(folder.iterdir())
+            if not (p.is_file() and (p.suffix == ".npz" or p.name == manifest)) and not _HIDDEN_LEFTOVER.match(p.name)
+        ]  # fmt: skip
+
+    if unit is None:
+        return files_ok(items, "items")
+    stray = []
+    for p in sorted(items.iterdir()):
+        if _HIDDEN_LEFTOVER.match(p.name):
+            continue
+        if p.is_dir() and re.fullmatch(unit, p.name):
+            stray += files_ok(p, f"items/{p.name}")
+        else:
+            stray.append(f"items/{p.name}")
+    return stray
+
+
+def converter_layout(writer: str, what: str, looks_like_ours: Callable[[dict[str, Any]], bool], unit: str | None, manifest: str) -> OutputLayout:
+    """The output layout of a converter writing ``datalist.json`` and ``items/`` (the stamp in the datalist).
+
+    An unstamped folder is its output when its datalist (if any) passes ``looks_like_ours``
+    (an earlier release's datalist, recognised by its keys) and ``items/`` (if any) holds
+    nothing but units (:func:`stray_item_files`); a folder with ``items/`` and no datalist is
+    its own interrupted first run, which a re-run resumes.
+    """
+
+    def legacy(folder: Path) -> bool:
+        has_list, has_items = (folder / DATALIST_NAME).exists(), (folder / "items").exists()
+        if not (has_list or has_items) or stray_item_files(folder, unit, manifest):
+            return False
+        if has_list:
+            doc = _read_datalist(folder)
+            return doc is not None and looks_like_ours(doc)
+        return True
+
+    return OutputLayout(writer, (DATALIST_NAME, "items"), stamp_file=DATALIST_NAME, what=what, legacy=legacy)
+
+
+def check_output_folder(
+    out: str | os.PathLike,
+    layout: OutputLayout,
+    overwrite: bool,
+    unit: str | None,
+    manifest: str,
+    inputs: Sequence[str | os.PathLike] = (),
+    input_option: str = "--root",
+) -> Path:
+    """Refuse, before any input is read, an ``--out`` holding anything this converter did not write.
+
+    The converters keep finished units across runs (a re-run resumes, ``--overwrite`` redoes
+    them), so their own earlier output, finished or interrupted, is accepted with or without
+    ``--overwrite``; anything else (another tool's ``datalist.json``, a stray file under
+    ``items/``) is refused naming the entries, and nothing is deleted. Also refused: an ``out``
+    that is or holds an input, the working directory, the repository, the home folder or ``/``.
+
+    Returns:
+        the folder to write (a symbolic link is written through).
+
+    Raises:
+        OutputFolderError: (a ``ValueError``) naming the folder, the entries and the fix.
+    """
+    out = guard_output_path(out)
+    # An --out inside the input is fine here (the converters read only their own input names);
+    # one that is or holds the input is not: a later --overwrite must never reach the input.
+    for inp in inputs:
+        real_in, real_out = Path(os.path.realpath(inp)), Path(os.path.realpath(out))
+        if real_in == real_out or real_out in real_in.parents:
+            how = "is" if real_in == real_out else "contains"
+            raise OutputFolderError(f"--out {out} {how} the {input_option} {inp}; choose an --out outside it")
+    if not out.is_dir():
+        return out
+    if overwrite:
+        check_replaceable(out, layout)
+    foreign = unexpected_entries(out, layout) or stray_item_files(out, unit, manifest)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" ... ({len(foreign)} entries)" if len(foreign) > 6 else "")
+        raise OutputFolderError(
+            f"--out {out} holds entries that {layout.writer} did not write: {shown}; it writes only into a new or "
+            f"empty folder or into its own earlier output (resumed; redone with --overwrite), so nothing was "
+            f"touched: choose another --out, or move those entries away yourself"
+        )
+    return out
 
 
 def split_by_patient(

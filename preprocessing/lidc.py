@@ -41,15 +41,30 @@ from scipy import ndimage
 
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
-from monai_hsrdiff.utils import atomic_write_text, remove_interrupted_writes, replace_dir
-from preprocessing.common import RunSummary, add_split_arguments, require_out_folder, split_by_patient, write_datalist
+from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, remove_interrupted_writes, replace_dir
+from preprocessing.common import (
+    RunSummary,
+    add_split_arguments,
+    check_output_folder,
+    converter_layout,
+    require_out_folder,
+    split_by_patient,
+    write_datalist,
+)
 from preprocessing.pylidc_compat import import_pylidc
 
-__all__ = ["LidcOptions", "LidcPreparationError", "main", "nodule_items", "prepare_lidc", "prepare_patient"]
+__all__ = ["LAYOUT", "LidcOptions", "LidcPreparationError", "main", "nodule_items", "prepare_lidc", "prepare_patient"]
 
 MAX_READERS = 4
 MANIFEST = "manifest.json"
 AIR_HU = -1000.0
+PATIENT_FOLDER = r"LIDC-IDRI-\d{4}"
+# What this converter writes into --out, and how its output of a release before stamps is recognised.
+LAYOUT = converter_layout(
+    "preprocessing.lidc", "LIDC-IDRI data set",
+    lambda doc: doc.get("name") == "LIDC-IDRI" and doc.get("task") == "lidc" and "options" in doc,
+    unit=PATIENT_FOLDER, manifest=MANIFEST,
+)  # fmt: skip
 
 
 class LidcPreparationError(ValueError):
@@ -293,7 +308,8 @@ def prepare_lidc(
         options: spacing, size, min_readers, HU window.
         seed: seed of the patient-level split.
         split_ratios: (training, validation, test) fractions.
-        overwrite: redo patients that are already finished.
+        overwrite: redo patients that are already finished. Either way ``out`` must be new,
+            empty or this command's own output: anything else is refused, never deleted.
         on_error: ``"raise"`` stops at the first bad patient; ``"skip"`` records it in the
             summary and goes on.
         progress: print ``[done/total] patient`` lines and the summary.
@@ -306,7 +322,7 @@ def prepare_lidc(
     options = options or LidcOptions()
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    out = Path(out)
+    out = check_output_folder(out, LAYOUT, overwrite, PATIENT_FOLDER, MANIFEST, [dicom_root], "--dicom-root")
     items_dir = out / "items"
     pl = import_pylidc()
     by_patient: dict[str, list] = {}
@@ -380,7 +396,8 @@ def prepare_lidc(
             f"{options.size}x{options.size} at {options.spacing} mm, HU window {list(options.hu_window)} -> [-1, 1], "
             "4 reader masks per slice (empty where a reader did not mark it)"
         ),
-        extra={"task": "lidc", "options": options.as_json(), "seed": seed, "split_ratios": list(split_ratios)},
+        extra={"task": "lidc", "options": options.as_json(), "seed": seed, "split_ratios": list(split_ratios),
+               STAMP_KEY: LAYOUT.stamp()},  # fmt: skip
     )
     if progress:
         print(summary.render(), flush=True)

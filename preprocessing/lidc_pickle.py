@@ -40,12 +40,14 @@ from typing import Any, Literal, NoReturn
 
 import numpy as np
 
-from monai_hsrdiff.utils import atomic_write_text, replace_dir
+from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, replace_dir
 from preprocessing.common import (
     DATALIST_NAME,
     SPLITS,
     RunSummary,
     add_split_arguments,
+    check_output_folder,
+    converter_layout,
     require_out_folder,
     split_by_patient,
     write_datalist,
@@ -53,6 +55,7 @@ from preprocessing.common import (
 from preprocessing.pylidc_compat import import_pylidc
 
 __all__ = [
+    "LAYOUT",
     "PickleFormatError",
     "RestrictedUnpickler",
     "UnsafePickleError",
@@ -63,6 +66,11 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+# What this import writes into --out, and how its output of a release before stamps is recognised.
+LAYOUT = converter_layout(
+    "preprocessing.lidc_pickle", "data_lidc.pickle import",
+    lambda doc: doc.get("name") == "LIDC-IDRI (data_lidc.pickle)" and "source" in doc, unit=None, manifest=MANIFEST,
+)  # fmt: skip
 
 # (module, name) an array pickle needs; NumPy 2 moved numpy.core to numpy._core
 _ALLOWED = {
@@ -413,16 +421,19 @@ def import_lidc_pickle(
         out: output folder.
         split: ``"ours"`` (patient-level, ``seed``/``split_ratios``) or ``"mose"``.
         seed, split_ratios: for ``split="ours"``.
-        overwrite: replace items imported before (from this or another pickle).
+        overwrite: replace items imported before (from this or another pickle); only this
+            command's own output: a folder holding anything else is refused, never emptied.
         progress: print progress and the summary.
 
     Raises:
         UnsafePickleError, PickleFormatError: see :func:`load_lidc_pickle`.
-        ValueError: ``out`` holds items from a different pickle and ``overwrite`` is off.
+        ValueError: ``out`` holds items from a different pickle and ``overwrite`` is off;
+            ``out`` holds entries this command did not write (``OutputFolderError``).
     """
     if split not in ("ours", "mose"):
         raise ValueError(f"--split must be 'ours' or 'mose', got {split!r}")
-    pickle_path, out = Path(pickle_path), Path(out)
+    pickle_path = Path(pickle_path)
+    out = check_output_folder(out, LAYOUT, overwrite, None, MANIFEST, inputs=[pickle_path], input_option="--pickle")
     data = load_lidc_pickle(pickle_path)
     source = {"pickle": pickle_path.name, "size": pickle_path.stat().st_size}
     items_dir = out / "items"
@@ -500,7 +511,7 @@ def import_lidc_pickle(
         "the community's pre-cropped LIDC-IDRI slices (data_lidc.pickle: Probabilistic U-Net / PHiSeg / "
         "MoSE / CCDM / CIMD), 128x128, image [0,1] -> [-1,1], 4 reader masks; crop geometry unknown"
     )
-    extra = {"task": "lidc", "source": source, "split": split, "geometry_known": False}
+    extra = {"task": "lidc", "source": source, "split": split, "geometry_known": False, STAMP_KEY: LAYOUT.stamp()}
     if split == "ours":
         splits = split_by_patient([e["patient"] for e in entries], split_ratios, seed)
         extra.update(seed=seed, split_ratios=list(split_ratios))

@@ -55,17 +55,20 @@ from monai.transforms import Resize
 from monai.utils import convert_to_numpy
 
 from monai_hsrdiff.data.items import save_item
-from monai_hsrdiff.utils import atomic_write_text, replace_dir
+from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, replace_dir
 
 from .common import (
     RunSummary,
     add_split_arguments,
+    check_output_folder,
+    converter_layout,
     require_out_folder,
     split_by_patient,
     write_datalist,
 )
 
 __all__ = [
+    "LAYOUT",
     "MODALITIES",
     "RATERS",
     "MSLesionInputError",
@@ -81,6 +84,12 @@ __all__ = [
 MODALITIES = ("flair", "mprage", "pd", "t2")  # channel order of the items
 RATERS = ("mask1", "mask2")
 MANIFEST = "unit.json"
+# What this converter writes into --out, and how its output of a release before stamps is recognised.
+LAYOUT = converter_layout(
+    "preprocessing.ms_lesion", "MS-Lesion data set",
+    lambda doc: doc.get("name") == "ms_lesion" and doc.get("task") == "ms_lesion" and "settings" in doc,
+    unit=r"training\d+", manifest=MANIFEST,
+)  # fmt: skip
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _IMAGE_RE = re.compile(r"^(training\d+)_(\d+)_(flair|mprage|pd|t2)_pp\.nii(\.gz)?$")
@@ -466,7 +475,8 @@ def preprocess_ms_lesion(
             slices (0.1 -> one lesion-free slice per ten lesion slices), >= 0.
         seed: seeds the lesion-free slice choice and the patient split.
         split_ratios: (training, validation, test) fractions of PATIENTS.
-        overwrite: rebuild patients that are already finished.
+        overwrite: rebuild patients that are already finished. Either way ``out`` must be new,
+            empty or this command's own output: anything else is refused, never deleted.
         log: progress sink.
 
     Returns:
@@ -482,6 +492,7 @@ def preprocess_ms_lesion(
     if empty_share < 0:
         raise ValueError(f"--empty-share must be >= 0 (a fraction of the lesion slices), got {empty_share}")
     settings = _settings(size, float(empty_share), seed)
+    out = check_output_folder(out, LAYOUT, overwrite, r"training\d+", MANIFEST, inputs=[root])
     patients = find_time_points(root)
     items_dir = out / "items"
     if items_dir.is_dir():  # leftovers of an interrupted run are never mistaken for finished
@@ -528,7 +539,8 @@ def preprocess_ms_lesion(
             f"ISBI-2015 longitudinal MS-Lesion: axial slices resized to {size}x{size}, channels FLAIR, MPRAGE, PD, T2 "
             "z-scored over brain voxels, 2 rater masks (mask1, mask2)"
         ),
-        extra={"task": "ms_lesion", "channels": [m.upper() for m in MODALITIES], "num_annotations": len(RATERS), "settings": settings},
+        extra={"task": "ms_lesion", "channels": [m.upper() for m in MODALITIES], "num_annotations": len(RATERS), "settings": settings,
+               STAMP_KEY: LAYOUT.stamp()},  # fmt: skip
     )
     log(f"datalist: {out / 'datalist.json'} ({', '.join(f'{s}: {len(p)} patients' for s, p in splits.items())})")
     log(summary.render())

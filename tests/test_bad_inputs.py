@@ -131,11 +131,19 @@ def sweep(main, case: Case, capsys) -> str:
     return out
 
 
-def previous_output(folder: Path) -> Path:
-    """An output folder holding an earlier run's results, which a refused run must leave alone."""
-    (folder / "items" / "OLD").mkdir(parents=True)
-    (folder / "items" / "OLD" / "a.npz").write_bytes(b"earlier item")
-    (folder / "datalist.json").write_text('{"name": "earlier run"}')
+def previous_output(folder: Path, writer: str | None = None, unit: str | None = "OLD") -> Path:
+    """An output folder holding an earlier run's results, which a refused run must leave alone.
+
+    ``writer``: the datalist carries that command's stamp (its own earlier output, which it
+    resumes); ``unit``: the folder under ``items/`` (``None``: the item lies in ``items/``).
+    """
+    items = folder / "items" / unit if unit else folder / "items"
+    items.mkdir(parents=True)
+    (items / "a.npz").write_bytes(b"earlier item")
+    doc = {"name": "earlier run"}
+    if writer:
+        doc["hsrdiff_output"] = {"writer": writer, "format": 1, "entries": ["datalist.json", "items"]}
+    (folder / "datalist.json").write_text(json.dumps(doc))
     return folder
 
 
@@ -237,7 +245,7 @@ def _lidc_case(name: str, lidc_src, tmp_path: Path) -> Case:
             victim.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x7f")  # element length past the end
         else:
             (empty if name == "empty slice file" else cut)(victim)
-        previous_output(out)
+        previous_output(out, "preprocessing.lidc", LIDC_PATIENT)
         return Case(["--dicom-root", root, "--out", out, "--patients", LIDC_PATIENT, *LIDC_FAST],
                     (victim.name, "truncated or corrupt"), out)  # fmt: skip
     if name == "unknown patient":
@@ -311,7 +319,7 @@ def _ms_case(name: str, isbi_src: Path, tmp_path: Path) -> Case:
         gz.write_bytes(gzip.compress(t2.read_bytes()))
         t2.unlink()
         cut(gz, 0.6)  # the header (first 352 bytes) still reads: the error comes with the voxels
-        previous_output(out)
+        previous_output(out, "preprocessing.ms_lesion", "training01")
         return Case(base, (f"cannot read the voxels of {gz}", "truncated or corrupt"), out)
     if name == "modality shapes":
         img = nib.load(t2)
@@ -421,7 +429,7 @@ def _pickle_case(name: str, tmp_path: Path) -> Case:
         return Case(base, (good, "cannot unpickle (truncated or not a pickle?)", "Ran out of input"), out)
     if name == "truncated":
         cut(good)
-        previous_output(out)
+        previous_output(out, "preprocessing.lidc_pickle", None)
         return Case(base, (good, "cannot unpickle (truncated or not a pickle?)"), out)
     if name == "not a dict":
         good.write_bytes(pickle.dumps([1, 2]))
