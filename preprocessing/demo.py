@@ -49,6 +49,7 @@ from monai_hsrdiff.utils import (
     OutputLayout,
     check_replaceable,
     guard_output_path,
+    list_entries,
     remove_interrupted_writes,
     replace_dir,
     unexpected_entries,
@@ -383,7 +384,7 @@ def _check_out(out: Path, overwrite: bool) -> Path:
         if not overwrite and foreign:
             raise FileExistsError(
                 f"{out} exists and is not empty, and holds entries that preprocessing.demo did not write "
-                f"({', '.join(foreign[:6])}{' ...' if len(foreign) > 6 else ''}); choose another --out "
+                f"({list_entries(foreign)}); choose another --out "
                 "(--overwrite replaces only an earlier demo data set)"
             )
         if not overwrite:

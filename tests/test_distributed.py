@@ -33,13 +33,17 @@ def _without(args: list[str], *keys: str) -> list[str]:
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(bundle_env, demo_data: Path, tmp_path: Path) -> None:
     """2 ranks: each trains on its half of the data (DistributedSampler), DDP keeps their weights
-    identical, and only rank 0 logs and writes checkpoints."""
+    identical, and only rank 0 logs and writes checkpoints. Rank 0 holds the run folder's lock,
+    rank 1 does not take it (and neither deadlocks nor refuses); the lock is gone at the end."""
     run_dir = Path(bundle_env["HSRDIFF_RUN_ROOT"]) / "lidc_demo"
     weights = tmp_path / "weights"
     weights.mkdir()
-    # an extra finalize step (test-only) saves each rank's weights, to compare them afterwards
+    # extra finalize steps (test-only): each rank saves its weights, to compare them afterwards,
+    # and records whether it holds the lock, its PID and the holder the lock file names
     finalize = [
         f"$torch.save(@network.module.state_dict(), '{weights}/rank' + str(dist.get_rank()) + '.pt')",
+        f"$open('{weights}/lock' + str(dist.get_rank()), 'w').write(str(@run_lock.held) + ' ' + str(os.getpid()) + "
+        "' ' + monai_hsrdiff.utils.RunLock(@run_dir).holder())",
         "$dist.is_initialized() and dist.destroy_process_group()",
     ]
     cmd = [
@@ -52,6 +56,11 @@ def test_torchrun_two_processes_gloo(bundle_env, demo_data: Path, tmp_path: Path
     proc = subprocess.run(cmd, cwd=REPO, env=bundle_env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    held0, pid0, *holder0 = (weights / "lock0").read_text().split(" ")
+    held1, pid1, *holder1 = (weights / "lock1").read_text().split(" ")
+    assert (held0, held1) == ("True", "False") and pid0 != pid1
+    assert holder0[:2] == holder1[:2] == ["PID", pid0]
+    assert not (run_dir / ".run.lock").exists()
 
     # DistributedSampler: 17 items -> 9 per rank (padded to be evenly divisible) -> 3 batches of 4
     n_train = len(json.loads((demo_data / "demo_lidc" / "datalist.json").read_text())["training"])

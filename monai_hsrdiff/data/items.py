@@ -98,13 +98,19 @@ def save_item(
     return path
 
 
-def load_item(path: str | os.PathLike) -> dict[str, Any]:
-    """Read one item; ``meta`` comes back as a dict. Raises :class:`ItemFormatError` naming the file."""
+def _item_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, or :class:`ItemFormatError` when it is a folder or absent."""
     path = Path(path)
     if path.is_dir():
         raise ItemFormatError(f"{path} is a folder, where an item file (.npz) is expected")
     if not path.is_file():
         raise ItemFormatError(f"item file not found: {path}")
+    return path
+
+
+def load_item(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one item; ``meta`` comes back as a dict. Raises :class:`ItemFormatError` naming the file."""
+    path = _item_file(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ITEM_KEYS if k not in z.files]
@@ -167,11 +173,7 @@ def read_item_header(path: str | os.PathLike) -> ItemHeader:
 
         read_item_header("data/demo_lidc/items/LIDC-IDRI-0001/n0_k87.npz").image_shape  # (1, 128, 128)
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ItemFormatError(f"{path} is a folder, where an item file (.npz) is expected")
-    if not path.is_file():
-        raise ItemFormatError(f"item file not found: {path}")
+    path = _item_file(path)
     try:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())

@@ -41,6 +41,7 @@ from monai_hsrdiff.utils import (
     STAMP_KEY,
     check_replaceable,
     guard_output_path,
+    list_entries,
     replace_dir,
     unexpected_entries,
     unwritable_reason,
@@ -126,13 +127,13 @@ def check_output_folder(
         foreign = unexpected_entries(out, CASE_LAYOUT)
         if not overwrite and foreign:
             raise InferenceInputError(
-                f"--out {given} already holds files that are not an inference case ({', '.join(foreign[:6])}"
-                f"{' ...' if len(foreign) > 6 else ''}); choose another --out (--overwrite replaces only an earlier case)"
+                f"--out {given} already holds files that are not an inference case ({list_entries(foreign)}); "
+                "choose another --out (--overwrite replaces only an earlier case)"
             )
         if not overwrite:
             held = sorted(p.name for p in out.iterdir())
             raise InferenceInputError(
-                f"--out {given} already holds results ({', '.join(held[:6])}{' ...' if len(held) > 6 else ''}); "
+                f"--out {given} already holds results ({list_entries(held)}); "
                 "pass --overwrite to replace them or choose another --out"
             )
         try:

@@ -38,6 +38,7 @@ __all__ = [
     "OutputLayout",
     "check_replaceable",
     "guard_output_path",
+    "list_entries",
     "read_stamp",
     "repo_root",
     "unexpected_entries",
@@ -150,7 +151,8 @@ def unexpected_entries(folder: str | os.PathLike, layout: OutputLayout) -> list[
     return [n for n in names if n not in allowed and not _is_leftover(n, allowed)]
 
 
-def _listing(names: Sequence[str]) -> str:
+def list_entries(names: Sequence[str]) -> str:
+    """The first few ``names`` for a message, e.g. ``"a, b, c ... (9 entries)"``."""
     return ", ".join(names[:_SHOWN]) + (f" ... ({len(names)} entries)" if len(names) > _SHOWN else "")
 
 
@@ -173,7 +175,7 @@ def check_replaceable(folder: str | os.PathLike, layout: OutputLayout, option: s
         stamp = read_stamp(folder, layout.stamp_file)
         by = f" (it was written by {stamp['writer']})" if stamp is not None and stamp["writer"] != layout.writer else ""
         raise OutputFolderError(
-            f"{option} {folder} holds entries that {layout.writer} did not write{by}: {_listing(unexpected)}; "
+            f"{option} {folder} holds entries that {layout.writer} did not write{by}: {list_entries(unexpected)}; "
             f"--overwrite replaces only an earlier {layout.what} of {layout.writer}, so nothing was deleted: "
             f"choose another {option} (new or empty), or move those entries away yourself"
         )
