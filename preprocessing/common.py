@@ -18,6 +18,7 @@ from monai_hsrdiff.utils import (
     atomic_write_text,
     check_replaceable,
     guard_output_path,
+    list_entries,
     unexpected_entries,
     unwritable_reason,
 )
@@ -161,9 +162,8 @@ def check_output_folder(
         check_replaceable(out, layout)
     foreign = unexpected_entries(out, layout) or stray_item_files(out, unit, manifest)
     if foreign:
-        shown = ", ".join(foreign[:6]) + (f" ... ({len(foreign)} entries)" if len(foreign) > 6 else "")
         raise OutputFolderError(
-            f"--out {out} holds entries that {layout.writer} did not write: {shown}; it writes only into a new or "
+            f"--out {out} holds entries that {layout.writer} did not write: {list_entries(foreign)}; it writes only into a new or "
             f"empty folder or into its own earlier output (resumed; redone with --overwrite), so nothing was "
             f"touched: choose another --out, or move those entries away yourself"
         )
