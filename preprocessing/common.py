@@ -140,7 +140,8 @@ def check_output_folder(
     them), so their own earlier output, finished or interrupted, is accepted with or without
     ``--overwrite``; anything else (another tool's ``datalist.json``, a stray file under
     ``items/``) is refused naming the entries, and nothing is deleted. Also refused: an ``out``
-    that is or holds an input, the working directory, the repository, the home folder or ``/``.
+    that is, holds or lies inside an input, the working directory, the repository, the home
+    folder or ``/`` (:func:`monai_hsrdiff.utils.guard_output_path`, the rule of every command).
 
     Returns:
         the folder to write (a symbolic link is written through).
@@ -148,14 +149,7 @@ def check_output_folder(
     Raises:
         OutputFolderError: (a ``ValueError``) naming the folder, the entries and the fix.
     """
-    out = guard_output_path(out)
-    # An --out inside the input is fine here (the converters read only their own input names);
-    # one that is or holds the input is not: a later --overwrite must never reach the input.
-    for inp in inputs:
-        real_in, real_out = Path(os.path.realpath(inp)), Path(os.path.realpath(out))
-        if real_in == real_out or real_out in real_in.parents:
-            how = "is" if real_in == real_out else "contains"
-            raise OutputFolderError(f"--out {out} {how} the {input_option} {inp}; choose an --out outside it")
+    out = guard_output_path(out, inputs=inputs, input_option=input_option)
     if not out.is_dir():
         return out
     if overwrite:

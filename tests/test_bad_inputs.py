@@ -26,14 +26,19 @@ bits, run with ``setpriv --bounding-set -dac_override,-dac_read_search pytest ..
 | entry point | missing path | empty file | truncated / corrupt | wrong type | wrong shape | unknown key / option | bad value | unwritable out |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 | ``preprocessing.lidc`` | root | DICOM slice | DICOM header, pixel data | root is a file; ``--spacing half`` | - | ``--readers``; unknown patient | ``--min-readers 9`` | file in the way; root |
-| ``preprocessing.ms_lesion`` | root; modality | NIfTI | ``.nii.gz`` | root is a file; ``--size big`` | modality shapes | ``--modalities`` | ``--empty-share -1`` | file in the way; root |
+| ``preprocessing.ms_lesion`` | root; modality | NIfTI | ``.nii.gz`` | root is a file; ``--size big`` | modality shapes; (X,Y,Z,1) read as 3D; 4D refused | ``--modalities`` | ``--empty-share -1``; NaN voxel, no brain, constant modality (file, patient, time point named) | file in the way; root |
 | ``preprocessing.demo`` | - | - | - | ``--out`` is a file; ``--num-items two`` | - | ``--nmu-items``; ``--task brain`` | ``--size 8``; out holds data | file in the way; root |
-| ``preprocessing.lidc_pickle`` | pickle | pickle | pickle | pickle is a folder; a list; ``--seed x`` | mask shape | record key; ``--mose`` | out holds another import | file in the way; root |
-| ``monai_hsrdiff.infer`` / ``hsrdiff_infer`` | input, checkpoint, bundle | DICOM, NIfTI, checkpoint | DICOM, ``.nii.gz``, checkpoint | checkpoint / NIfTI is a folder; ``--num-samples x`` | modality shapes; checkpoint of another network | ``--config`` key; ``--bogus`` | ``--slices 1-3``; bad JSON | file in the way; root |
+| ``preprocessing.lidc_pickle`` | pickle | pickle | pickle | pickle is a folder; a list; ``--seed x`` | mask shape; zero-size image | record key; ``--mose`` | out holds another import; hostile content (petabyte arrays, object masks, hex codec, complex, shared references) | file in the way; root |
+| ``monai_hsrdiff.infer`` / ``hsrdiff_infer`` | input, checkpoint, bundle | DICOM, NIfTI, checkpoint | DICOM, ``.nii.gz``, checkpoint | checkpoint / NIfTI is a folder; ``--num-samples x``; ``--device banana``/``cuda:0`` | modality shapes; checkpoint of another network; NIfTI (X,Y,Z,1) | ``--config`` key; ``--bogus`` | ``--slices 1-3``; bad JSON; DICOM NaN/inf rescale, PixelSpacing 0/negative, SpacingBetweenSlices 0, Modality MR for CT; DICOMDIR skipped; one-slice geometry = SimpleITK's | file in the way; root |
 | ``monai_hsrdiff.export.demo_case`` | item, data, checkpoint | item | item, checkpoint | item is a folder; ``--steps x`` | checkpoint of another network | ``--task brain``; ``--bogus`` | - | file in the way |
-| bundle ``train.json`` (lidc, ms_lesion) | data, datalist item | - | - | ``--num_epochs x``; ``--resume false`` | data channels (ms_lesion) | keys (cli, file) | preset, sampler, empty split | file in the way; root |
-| bundle ``evaluate.json`` (lidc, ms_lesion) | checkpoint (ms_lesion; loader) | - | checkpoint (loader) | - | checkpoint of another width; missing keys (loader) | - | - | - |
-| bundle ``inference.json`` (lidc, ms_lesion) | - | - | checkpoint (lidc) | - | modality shapes (ms_lesion) | - | - | - |
+| bundle ``train.json`` (lidc, ms_lesion) | data, datalist item; ``"item": null`` | - | every item's header (5th truncated, 6th 2-channel); damaged pixels | ``--num_epochs x``; ``--resume false`` | data channels (ms_lesion) | keys (cli, file) | preset, sampler, empty split; steps 0 / above T, eta, device (no run folder left) | file in the way; root |
+| bundle ``evaluate.json`` (lidc, ms_lesion) | checkpoint (ms_lesion; loader) | - | checkpoint (loader) | - | checkpoint of another width; missing keys (loader) | - | ``--eval_sampling_steps 0`` | - |
+| bundle ``inference.json`` (lidc, ms_lesion) | - | - | checkpoint (lidc) | - | modality shapes (ms_lesion) | - | ``--sampling_steps 0``; ``allow_modality_mismatch`` | - |
+
+The cases of issue 12 (the sections at the end of this file) run the real command in a subprocess
+each. Output-folder safety (``--overwrite`` only over a command's own output, ``--out`` overlapping
+an input) is in ``tests/test_overwrite.py`` and ``tests/test_preprocessing_safety.py``, the
+run-folder lock in ``tests/test_run_lock.py``.
 """
 
 from __future__ import annotations
@@ -423,7 +428,8 @@ def _pickle_case(name: str, tmp_path: Path) -> Case:
     if name == "missing file":
         return Case(["--pickle", tmp_path / "nope.pickle", "--out", out], (tmp_path / "nope.pickle", "no such file"), out)
     if name == "folder":
-        return Case(["--pickle", tmp_path, "--out", out], (f"--pickle '{tmp_path}' is a folder",), out)
+        (tmp_path / "a_folder").mkdir()
+        return Case(["--pickle", tmp_path / "a_folder", "--out", out], (f"--pickle '{tmp_path / 'a_folder'}' is a folder",), out)
     if name == "empty file":
         empty(good)
         return Case(base, (good, "cannot unpickle (truncated or not a pickle?)", "Ran out of input"), out)

@@ -327,11 +327,12 @@ def test_failure_mid_patient_leaves_nothing(lidc_root, tmp_path, pl):
 
 
 def test_cli_missing_series_names_uid_and_root(tmp_path, pl, capsys):
-    _tiny_series(tmp_path / "other", [(0, 0, z) for z in range(3)])
-    rc = main(["--dicom-root", str(tmp_path), "--out", str(tmp_path / "out"), "--patients", KNOWN])
+    root = tmp_path / "root"  # --out may not lie inside --dicom-root
+    _tiny_series(root / "other", [(0, 0, z) for z in range(3)])
+    rc = main(["--dicom-root", str(root), "--out", str(tmp_path / "out"), "--patients", KNOWN])
     err = capsys.readouterr().err
     assert rc == 1
-    assert _scan(pl, KNOWN).series_instance_uid in err and str(tmp_path) in err
+    assert _scan(pl, KNOWN).series_instance_uid in err and str(root) in err
     assert not (tmp_path / "out" / "datalist.json").exists()
-    rc = main(["--dicom-root", str(tmp_path), "--out", str(tmp_path / "out"), "--patients", "LIDC-0001"])
+    rc = main(["--dicom-root", str(root), "--out", str(tmp_path / "out"), "--patients", "LIDC-0001"])
     assert rc == 1 and "LIDC-0001" in capsys.readouterr().err

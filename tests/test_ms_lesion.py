@@ -186,6 +186,6 @@ def test_nan_volume_leaves_nothing_half_written(small) -> None:
 
 
 def test_empty_root(tmp_path: Path) -> None:
-    (tmp_path / "training").mkdir()
+    (tmp_path / "root" / "training").mkdir(parents=True)
     with pytest.raises(MSLesionInputError, match=r"no trainingXX folders under .*training"):
-        preprocess_ms_lesion(tmp_path, tmp_path / "out", log=lambda s: None)
+        preprocess_ms_lesion(tmp_path / "root", tmp_path / "out", log=lambda s: None)
