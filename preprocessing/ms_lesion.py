@@ -50,9 +50,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
-from monai.transforms import Resize
-from monai.utils import convert_to_numpy
 
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, replace_dir
@@ -366,6 +363,10 @@ def _time_point_items_checked(
     chosen = sorted(lesion_slices.tolist() + rng.choice(free, size=n_free, replace=False).tolist())
     if not chosen:
         return []
+
+    import torch  # with MONAI, imported here: a refused run does not pay seconds for them
+    from monai.transforms import Resize
+    from monai.utils import convert_to_numpy
 
     # one Resize call per time point: slices stacked along the channel axis
     img_in = torch.from_numpy(np.ascontiguousarray(img_p[:, chosen]).reshape(-1, *img_p.shape[2:]))
