@@ -311,6 +311,11 @@ def run(args: argparse.Namespace) -> Path:
             ec = med.pop("ec")
             per_step = {key: (v if key == "a" else v - ec) / k for key, v in med.items()}
             per_step["a"] *= n / na
+            noisy = sorted(key for key, v in per_step.items() if v <= 0)
+            if noisy:  # a call no slower than E_c alone: the machine was too busy for these timings
+                data["timing_warning"] = f"per-step time <= 0 for {noisy}: timings too noisy (busy machine?); rerun idle"
+                md.append(f"\n**Warning**: {data['timing_warning']}.")
+                print(f"WARNING: {data['timing_warning']}", flush=True)
             ref = per_step["a"] * T
             totals = {"(a) literal Algorithm 2, 250 steps": {"fp32": ref}}
             totals["(b) DDPM pipeline, 250 steps"] = {name: ec + per_step[f"b|{name}"] * T for name in configs}
