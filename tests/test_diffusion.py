@@ -21,6 +21,7 @@ from monai_hsrdiff.diffusion import (
     SelfRegulatedDiffusion,
     auto_batch_size,
     default_beta_range,
+    get_sampler,
 )
 from monai_hsrdiff.networks import HSRDiff
 
@@ -491,3 +492,49 @@ def test_pipeline_bad_arguments(process):
             pipe(c, max_batch_size=bad)
     with pytest.raises(ValueError, match="DDIMSampler"):
         pipe(c, num_inference_steps=10)
+
+
+# ---- the sampler's own step count, and one sampling object ----------------------------------
+
+
+def test_sampler_knows_its_step_count(process):
+    """DDIM S=10 over T=250 (trailing): t_k = round(T - k·T/S) - 1 = 249 - 25k; DDPM: T-1, ..., 0."""
+    ddim = DDIMSampler(process, eta=0.5, num_inference_steps=10)
+    assert ddim.num_inference_steps == 10
+    ddim.set_timesteps()
+    assert ddim.timesteps.tolist() == [249 - 25 * k for k in range(10)]
+    ddim.set_timesteps(5)  # a one-run override: the sampler's own count stays 10
+    assert ddim.timesteps.tolist() == [249, 199, 149, 99, 49] and ddim.num_inference_steps == 10
+    ddim.set_timesteps()
+    assert len(ddim.timesteps) == 10
+    assert DDIMSampler(process).num_inference_steps == T  # no count given: all T
+    with pytest.raises(ValueError, match=r"num_inference_steps must be an integer in \[1, 250\], got 0"):
+        DDIMSampler(process, num_inference_steps=0)
+    # get_sampler: the one place where DDPM ignores the bundles' step count and eta
+    ddpm = get_sampler("ddpm", process, eta=0.5, num_inference_steps=10)
+    assert isinstance(ddpm, DDPMSampler) and ddpm.num_inference_steps == T
+    ddpm.set_timesteps()
+    assert ddpm.timesteps.tolist() == list(range(T - 1, -1, -1))
+    ddim = get_sampler("ddim", process, eta=0.5, num_inference_steps=10)
+    assert isinstance(ddim, DDIMSampler) and ddim.num_inference_steps == 10 and ddim.eta == 0.5
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        get_sampler("dpm", process)
+
+
+def test_pipeline_settings_live_on_the_object(process):
+    """Steps from the sampler and chunking from the pipeline give the samples of the per-call arguments."""
+    torch.manual_seed(0)
+    net = tiny_net()
+    c = torch.randn(2, 1, 16, 16)
+    ref = HSRDiffPipeline(net, DDIMSampler(process, eta=1.0))(
+        c, num_samples=3, num_inference_steps=4, max_batch_size=2, generator=torch.Generator().manual_seed(7)
+    )
+    pipe = HSRDiffPipeline(net, DDIMSampler(process, eta=1.0, num_inference_steps=4), max_batch_size=2)
+    assert pipe.max_batch_size == 2
+    out = pipe(c, num_samples=3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out.samples, ref.samples) and out.timesteps.tolist() == ref.timesteps.tolist()
+    assert len(out.timesteps) == 4
+    assert pipe(c, num_samples=1, num_inference_steps=2).timesteps.tolist() == [249, 124]  # per-call override
+    assert pipe.sampler.num_inference_steps == 4
+    with pytest.raises(ValueError, match="max_batch_size"):
+        HSRDiffPipeline(net, DDPMSampler(process), max_batch_size=0)

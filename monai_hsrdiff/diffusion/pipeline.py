@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,15 @@ from monai_hsrdiff.diffusion.process import ModelOutput, randn
 from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler
 
 __all__ = ["CPU_PIXELS_PER_CALL", "PRECISIONS", "HSRDiffPipeline", "SamplingOutput", "auto_batch_size", "resolve_autocast_dtype"]
+
+
+class _PipelineDefault:
+    def __repr__(self) -> str:
+        return "<the pipeline's own>"
+
+
+#: ``HSRDiffPipeline.__call__``'s default ``max_batch_size``: the pipeline's own setting.
+PIPELINE_DEFAULT: Any = _PipelineDefault()
 
 
 @dataclass
@@ -43,32 +53,45 @@ class SamplingOutput:
 class HSRDiffPipeline:
     """Draw ``num_samples`` label hypotheses per condition image with a DDPM or DDIM sampler.
 
+    Like a diffusers pipeline it owns the model and the sampler, and with them every sampling
+    setting: the step count and η (on the sampler, :func:`~monai_hsrdiff.diffusion.get_sampler`),
+    the precision and the chunking. The bundles declare it as one config object
+    (``validate#pipeline``, inference.json's ``pipeline``); the evaluator, the volume inferer
+    and the benchmarks take it.
+
     Args:
         model: an HSRDiff network (``monai_hsrdiff.networks.HSRDiff``): ``encode_condition`` and
             ``forward(x, timesteps, condition_features=...)``, ``out_channels`` = M.
-        sampler: a :class:`DDPMSampler` or :class:`DDIMSampler`.
+        sampler: a :class:`DDPMSampler` or :class:`DDIMSampler`, with its own step count.
         autocast_dtype: run the network (E_c and every denoising step) under ``torch.autocast``
             with this dtype, e.g. ``torch.bfloat16`` on CPUs with bf16 matrix units or
             ``torch.float16`` on GPUs (names "bfloat16" / "float16" work too, as in bundle
             configs); the sampler arithmetic, x_t and the returned samples stay in the
             condition's dtype. ``None`` or "float32" (default): no autocast, the reference
             numerics. Measured speed and GED16 cost: ``benchmarks/README.md``.
+        max_batch_size: largest number of items the network sees in one call; each step runs
+            the network on chunks of this size (E_c still runs once per image). ``"auto"``
+            (default): :func:`auto_batch_size` (small chunks on CPU, one chunk on GPU);
+            ``None``: one chunk. It changes speed only, never the samples.
 
     Example::
 
-        pipe = HSRDiffPipeline(model, DDIMSampler(process, eta=0.0))
-        out = pipe(images, num_samples=16, num_inference_steps=50,
-                   generator=torch.Generator().manual_seed(0))
+        pipe = HSRDiffPipeline(model, DDIMSampler(process, eta=0.0, num_inference_steps=50))
+        out = pipe(images, num_samples=16, generator=torch.Generator().manual_seed(0))
         masks = out.samples > 0        # (B, 16, 1, H, W)
     """
 
     def __init__(
-        self, model: nn.Module, sampler: DDPMSampler | DDIMSampler, autocast_dtype: torch.dtype | str | None = None
+        self,
+        model: nn.Module,
+        sampler: DDPMSampler | DDIMSampler,
+        autocast_dtype: torch.dtype | str | None = None,
+        max_batch_size: int | str | None = "auto",
     ) -> None:
-        autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         self.model = model
         self.sampler = sampler
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = resolve_autocast_dtype(autocast_dtype)
+        self.max_batch_size = _check_max_batch_size(max_batch_size)
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -81,7 +104,7 @@ class HSRDiffPipeline:
         condition: torch.Tensor,
         num_samples: int = 1,
         num_inference_steps: int | None = None,
-        max_batch_size: int | str | None = "auto",
+        max_batch_size: int | str | None = PIPELINE_DEFAULT,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> SamplingOutput:
@@ -90,23 +113,19 @@ class HSRDiffPipeline:
         Args:
             condition: (B, C, *spatial) condition images on the model's device.
             num_samples: N ≥ 1 hypotheses per image (B·N items denoised together, step by step).
-            num_inference_steps: sampler steps; ``None`` = all T (DDPM accepts only T).
-            max_batch_size: largest number of items the network sees in one call; each step runs
-                the network on chunks of this size (E_c still runs once per image). ``"auto"``
-                (default): :func:`auto_batch_size` (small chunks on CPU, one chunk on GPU);
-                ``None``: one chunk. It changes speed only, never the samples.
+            num_inference_steps: this call's step count instead of the sampler's own
+                (``sampler.num_inference_steps``, the default; DDPM accepts only T).
+            max_batch_size: this call's chunking instead of the pipeline's ``max_batch_size``
+                (the default): an int, ``"auto"`` or ``None``.
             generator: random generator for x_T and every step's noise; a fixed seed reproduces
                 every sample, whatever ``max_batch_size``.
             progress: show a tqdm progress bar (one tick per step).
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"HSRDiffPipeline: num_samples must be an integer >= 1, got {num_samples!r}.")
-        if max_batch_size != "auto" and max_batch_size is not None and (
-            not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1
-        ):
-            raise ValueError(
-                f"HSRDiffPipeline: max_batch_size must be an integer >= 1, 'auto' or None, got {max_batch_size!r}."
-            )
+        if max_batch_size is PIPELINE_DEFAULT:
+            max_batch_size = self.max_batch_size
+        _check_max_batch_size(max_batch_size)
         if condition.ndim < 3:
             raise ValueError(
                 f"HSRDiffPipeline: condition must be (B, C, *spatial), got shape {tuple(condition.shape)}."
@@ -183,6 +202,12 @@ class HSRDiffPipeline:
             kappa=kappa,
             kappa_trace=kappa.mean(dim=(1, 2)),
         )
+
+
+def _check_max_batch_size(value: int | str | None) -> int | str | None:
+    if value != "auto" and value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"HSRDiffPipeline: max_batch_size must be an integer >= 1, 'auto' or None, got {value!r}.")
+    return value
 
 
 #: Pixels (voxels) per network call that ``auto_batch_size`` aims for on CPU: the measured sweet

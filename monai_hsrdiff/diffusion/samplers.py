@@ -1,8 +1,9 @@
 """Reverse-process samplers: ancestral DDPM (the paper's Algorithm 2) and strided DDIM.
 
 Like diffusers' schedulers, a sampler holds the schedule and a ``step``; it never calls the
-network (the loop lives in :mod:`monai_hsrdiff.diffusion.pipeline`). Call ``set_timesteps``
-first, then ``step(model_output, t, x_t)`` for each ``t`` in ``sampler.timesteps``.
+network (the loop lives in :mod:`monai_hsrdiff.diffusion.pipeline`). A sampler knows its own step
+count (``num_inference_steps``: DDPM always T, DDIM any 1..T); call ``set_timesteps()`` first,
+then ``step(model_output, t, x_t)`` for each ``t`` in ``sampler.timesteps``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from monai_hsrdiff.diffusion.process import ModelOutput, SelfRegulatedDiffusion, randn
 
-__all__ = ["DDIMSampler", "DDPMSampler", "SamplerStepOutput"]
+__all__ = ["SAMPLERS", "DDIMSampler", "DDPMSampler", "SamplerStepOutput", "get_sampler"]
 
 
 @dataclass
@@ -39,7 +40,8 @@ class _Sampler:
         self.schedule = self.process.schedule
         self.num_train_timesteps = self.schedule.num_train_timesteps
         self.timesteps: torch.Tensor | None = None
-        self.num_inference_steps: int | None = None
+        #: the sampler's own step count, what ``set_timesteps()`` without an argument uses
+        self.num_inference_steps: int = self.num_train_timesteps
 
     def _require_timesteps(self) -> torch.Tensor:
         if self.timesteps is None:
@@ -83,10 +85,12 @@ class DDPMSampler(_Sampler):
             paper's training target μ̃ belongs to. ``"beta"``: σ_t² = β_t (the upper bound).
         clip_x0: clamp x_θ to [-1, 1] inside μ_x; ``None`` uses ``process.clip_x0``.
 
+    Its ``num_inference_steps`` is always T (ancestral sampling cannot skip steps).
+
     Example::
 
         sampler = DDPMSampler(process)
-        sampler.set_timesteps()
+        sampler.set_timesteps()             # T-1, ..., 0
         for t in sampler.timesteps:
             x = sampler.step(model(x, t.repeat(b), condition_features=f), t, x, generator=g).prev_sample
     """
@@ -104,13 +108,15 @@ class DDPMSampler(_Sampler):
         self.clip_x0 = self.process.clip_x0 if clip_x0 is None else bool(clip_x0)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: torch.device | str | None = None) -> None:
-        """Use every training step T-1, ..., 0 (ancestral DDPM cannot skip steps; use :class:`DDIMSampler`)."""
+        """Use every training step T-1, ..., 0 (ancestral DDPM cannot skip steps; use :class:`DDIMSampler`).
+
+        ``num_inference_steps`` may only be ``None`` or T.
+        """
         if num_inference_steps is not None and num_inference_steps != self.num_train_timesteps:
             raise ValueError(
                 f"DDPMSampler: ancestral sampling runs all T={self.num_train_timesteps} steps, got "
                 f"num_inference_steps={num_inference_steps}; use DDIMSampler for fewer steps."
             )
-        self.num_inference_steps = self.num_train_timesteps
         self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1, device=device)
 
     def step(
@@ -154,24 +160,30 @@ class DDIMSampler(_Sampler):
     Args:
         process: the diffusion process (schedule, dual weight, clipping).
         eta: η of DDIM Eq. 16; 0 gives the deterministic sampler, 1 the DDPM-like one.
+        num_inference_steps: S, the sampler's own step count in [1, T] (what ``set_timesteps()``
+            uses); ``None`` (default): all T.
         timestep_spacing: ``"trailing"`` (default; starts at t=T-1, the step closest to pure
             noise) or ``"leading"`` (guided-diffusion's ``ddimN``: 0, T/S, 2T/S, ...).
         clip_x0: clamp the fused x̂0 to [-1, 1]; ``None`` uses ``process.clip_x0``.
 
     Example::
 
-        sampler = DDIMSampler(process, eta=0.0)
-        sampler.set_timesteps(50)
+        sampler = DDIMSampler(process, eta=0.0, num_inference_steps=50)
+        sampler.set_timesteps()             # 50 timesteps, T-1 first
+        sampler.set_timesteps(10)           # 10 for this run; sampler.num_inference_steps stays 50
     """
 
     def __init__(
         self,
         process: SelfRegulatedDiffusion | None = None,
         eta: float = 0.0,
+        num_inference_steps: int | None = None,
         timestep_spacing: Literal["trailing", "leading"] = "trailing",
         clip_x0: bool | None = None,
     ) -> None:
         super().__init__(process)
+        if num_inference_steps is not None:
+            self.num_inference_steps = self._check_steps(num_inference_steps)
         if eta < 0:
             raise ValueError(f"DDIMSampler: eta must be >= 0, got {eta!r}.")
         if timestep_spacing not in ("trailing", "leading"):
@@ -181,19 +193,23 @@ class DDIMSampler(_Sampler):
         self.clip_x0 = self.process.clip_x0 if clip_x0 is None else bool(clip_x0)
         self._prev: dict[int, int] = {}
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: torch.device | str | None = None) -> None:
-        """Choose S = ``num_inference_steps`` timesteps (descending); ``None`` means all T."""
+    def _check_steps(self, s: int) -> int:
         big_t = self.num_train_timesteps
-        s = big_t if num_inference_steps is None else num_inference_steps
-        if not isinstance(s, int) or not 1 <= s <= big_t:
+        if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= big_t:
             raise ValueError(f"DDIMSampler: num_inference_steps must be an integer in [1, {big_t}], got {s!r}.")
+        return s
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: torch.device | str | None = None) -> None:
+        """Choose S timesteps (descending): S = ``num_inference_steps`` for this run, or (``None``)
+        the sampler's own ``self.num_inference_steps``, which this does not change."""
+        big_t = self.num_train_timesteps
+        s = self._check_steps(self.num_inference_steps if num_inference_steps is None else num_inference_steps)
         if self.timestep_spacing == "trailing":
             # round(T - k·T/S) - 1 for k = 0..S-1: T-1 first
             steps = [round(big_t - k * big_t / s) - 1 for k in range(s)]
         else:
             steps = [k * (big_t // s) for k in range(s)][::-1]
         self.timesteps = torch.tensor(steps, dtype=torch.long, device=device)
-        self.num_inference_steps = s
         self._prev = {steps[i]: (steps[i + 1] if i + 1 < s else -1) for i in range(s)}
 
     def previous_timestep(self, timestep: int) -> int:
@@ -237,13 +253,26 @@ class DDIMSampler(_Sampler):
 SAMPLERS = ("ddpm", "ddim")
 
 
-def get_sampler(name: str, process: SelfRegulatedDiffusion | None = None, eta: float = 0.0, **kwargs):
+def get_sampler(
+    name: str,
+    process: SelfRegulatedDiffusion | None = None,
+    eta: float = 0.0,
+    num_inference_steps: int | None = None,
+    **kwargs,
+) -> DDPMSampler | DDIMSampler:
     """Build a sampler by name, for configs: ``"ddpm"`` (Algorithm 2, all T steps) or ``"ddim"`` (strided).
 
-    ``eta`` applies to DDIM only; other keyword arguments go to the sampler's constructor.
+    The one place that knows DDPM takes neither a step count nor η: bundles pass their
+    ``*sampling_steps`` and ``*sampler_eta`` whatever the sampler, and ``"ddpm"`` ignores both
+    (it always runs all T steps). Other keyword arguments go to the sampler's constructor.
+
+    Example::
+
+        get_sampler("ddim", process, eta=1.0, num_inference_steps=50).num_inference_steps  # 50
+        get_sampler("ddpm", process, eta=1.0, num_inference_steps=50).num_inference_steps  # T
     """
     if name == "ddpm":
         return DDPMSampler(process, **kwargs)
     if name == "ddim":
-        return DDIMSampler(process, eta=eta, **kwargs)
+        return DDIMSampler(process, eta=eta, num_inference_steps=num_inference_steps, **kwargs)
     raise ValueError(f"get_sampler: unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
