@@ -125,7 +125,8 @@ def test_demo_case_ms_lesion(tmp_path, monkeypatch):
 
     from monai_hsrdiff.data import load_item
     from monai_hsrdiff.export.demo_case import demo_case
-    from monai_hsrdiff.inference import read_nifti_source, zscore_brain
+    from monai_hsrdiff.inference import read_nifti_source
+    from monai_hsrdiff.tasks.ms_lesion import zscore_volume as zscore_brain
     from preprocessing.demo import build_demo
 
     repo = Path(__file__).resolve().parent.parent

@@ -246,7 +246,7 @@ def test_ms_slice_mapping_equals_training_items():
     from preprocessing.ms_lesion import LPS_FROM_RAS as lps, slice_axes, slice_item_to_index
 
     from monai_hsrdiff.inference import SliceAxes
-    from monai_hsrdiff.inference.volume import _ms_plane, ms_lesion_preprocessing
+    from monai_hsrdiff.tasks import get_task
 
     for axial, signs in ((0, (-1, 1, 1)), (1, (1, -1, 1)), (2, (-1, -1, 1))):
         shape = [14, 18]
@@ -255,7 +255,9 @@ def test_ms_slice_mapping_equals_training_items():
         vol = np.random.default_rng(axial).random((1, *shape)).astype(np.float32)
         np.testing.assert_array_equal(axes.from_plane(axes.to_plane(vol)), vol)
         k = 3
-        _, scale, offset = _ms_plane(axes.to_plane(vol)[:, k], ms_lesion_preprocessing(32))
+        plane = axes.to_plane(vol)[:, k]
+        box = (0, plane.shape[1] - 1, 0, plane.shape[2] - 1)
+        _, scale, offset = get_task("ms_lesion").slice_preprocessing(32).plane_to_input(plane, (1.0, 1.0), box)
         expected = slice_item_to_index(shape, axes.as_tuple(), k, 32)
         for r, c in ((0.0, 0.0), (31.0, 5.0), (12.5, 30.0)):
             disp = np.array([scale[0] * r + offset[0], scale[1] * c + offset[1]])  # display row, col

@@ -1,17 +1,13 @@
-"""Volume-level inference: read a scan, run the 2D model slice by slice, map samples back to its grid."""
+"""Volume-level inference: read a scan, run the 2D model slice by slice, map samples back to its grid.
+
+Generic over tasks: what a task's model sees (its channels, spacing, HU window, slice
+preprocessing) is defined in ``monai_hsrdiff.tasks``, which builds on this package.
+"""
 
 from __future__ import annotations
 
 from .source import InferenceInputError, SliceAxes, SourceVolume, find_modalities, read_dicom_source, read_nifti_source
-from .volume import (
-    Region,
-    SlicePreprocessing,
-    VolumePrediction,
-    lidc_preprocessing,
-    ms_lesion_preprocessing,
-    predict_volume,
-    zscore_brain,
-)
+from .volume import Region, SlicePreprocessing, VolumePrediction, predict_volume, resample_plane, resize_plane
 
 __all__ = [
     "InferenceInputError",
@@ -21,10 +17,9 @@ __all__ = [
     "SourceVolume",
     "VolumePrediction",
     "find_modalities",
-    "lidc_preprocessing",
-    "ms_lesion_preprocessing",
     "predict_volume",
     "read_dicom_source",
     "read_nifti_source",
-    "zscore_brain",
+    "resample_plane",
+    "resize_plane",
 ]

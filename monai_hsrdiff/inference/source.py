@@ -9,12 +9,12 @@ shown (rows/columns and their flips) — the same orientation the training items
 - DICOM (LIDC): slices along ``k``, rows and columns as stored (``monai_hsrdiff.io.dicom``
   geometry, what ``preprocessing.lidc`` cuts its items from);
 - NIfTI (MS-Lesion, or a CT volume): the array axis closest to S, rows towards Posterior,
-  columns towards Left, found from the affine by ``preprocessing.ms_lesion.slice_axes``.
+  columns towards Left, found from the affine by :func:`monai_hsrdiff.io.geometry.slice_axes`.
 
 Example::
 
     src = read_dicom_source("/data/LIDC-IDRI-0001/1.3.6.../")          # CT, 1 channel, HU
-    src = read_nifti_source(["flair.nii", "mprage.nii", "pd.nii", "t2.nii"], channel_names=MODALITIES)
+    src = read_nifti_source(["flair.nii", "mprage.nii", "pd.nii", "t2.nii"], channel_names=("flair", "mprage", "pd", "t2"))
     src.data.shape       # (C, I, J, K) float32
     src.itk_geometry()   # size, origin, spacing, direction as SimpleITK writes them
 """
@@ -31,63 +31,21 @@ from typing import Any
 
 import numpy as np
 
+from monai_hsrdiff.errors import InferenceInputError
+from monai_hsrdiff.io.geometry import DICOM_AXES, LPS_FROM_RAS, SliceAxes, slice_axes
+
 __all__ = [
+    "NIFTI_SUFFIXES",
     "InferenceInputError",
     "SliceAxes",
     "SourceVolume",
     "find_modalities",
+    "is_nifti",
     "read_dicom_source",
     "read_nifti_source",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class InferenceInputError(ValueError):
-    """The inference input or options are unusable; the message names the file/option, the value and the fix."""
-
-
-@dataclass(frozen=True)
-class SliceAxes:
-    """How the volume is cut into 2D model inputs.
-
-    Attributes:
-        slice_axis: array axis (0, 1, 2 of ``I, J, K``) the model slices along.
-        row_axis: array axis that runs down the rows of a displayed slice.
-        col_axis: array axis that runs along a row.
-        flip_rows: rows run against the array axis (the first row is the last index).
-        flip_cols: columns run against the array axis.
-    """
-
-    slice_axis: int
-    row_axis: int
-    col_axis: int
-    flip_rows: bool = False
-    flip_cols: bool = False
-
-    def to_plane(self, vol: np.ndarray) -> np.ndarray:
-        """(..., I, J, K) -> (..., slices, rows, cols) in display orientation (a view)."""
-        lead = vol.ndim - 3
-        x = np.moveaxis(vol, [lead + self.slice_axis, lead + self.row_axis, lead + self.col_axis], [lead, lead + 1, lead + 2])
-        if self.flip_rows:
-            x = np.flip(x, axis=lead + 1)
-        if self.flip_cols:
-            x = np.flip(x, axis=lead + 2)
-        return x
-
-    def from_plane(self, planes: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`to_plane`: (..., slices, rows, cols) -> (..., I, J, K)."""
-        lead = planes.ndim - 3
-        x = planes
-        if self.flip_cols:
-            x = np.flip(x, axis=lead + 2)
-        if self.flip_rows:
-            x = np.flip(x, axis=lead + 1)
-        return np.moveaxis(x, [lead, lead + 1, lead + 2], [lead + self.slice_axis, lead + self.row_axis, lead + self.col_axis])
-
-    def as_tuple(self) -> tuple[int, int, int, bool, bool]:
-        """The tuple ``preprocessing.ms_lesion.slice_item_to_index`` takes."""
-        return (self.slice_axis, self.row_axis, self.col_axis, self.flip_rows, self.flip_cols)
 
 
 @dataclass
@@ -194,7 +152,7 @@ def read_dicom_source(
     return SourceVolume(
         data=np.ascontiguousarray(hu.transpose(2, 1, 0))[None].astype(np.float32),
         index_to_physical=g.index_to_physical(),
-        axes=SliceAxes(slice_axis=2, row_axis=1, col_axis=0),
+        axes=DICOM_AXES,
         channel_names=("CT",),
         files=[str(series.folder)],
         info={"format": "DICOM", "series_uid": series_uid, "study_uid": series.study_uid, "folder": str(series.folder),
@@ -307,15 +265,13 @@ def read_nifti_source(
     Args:
         paths: one file per channel, in channel order; or ONE folder, searched with
             :func:`find_modalities` for ``channel_names``.
-        channel_names: channel (modality) names, e.g. ``preprocessing.ms_lesion.MODALITIES``.
+        channel_names: channel (modality) names, e.g. ``get_task("ms_lesion").channels``.
         atol: tolerance on the affines (mm).
 
     Raises:
         InferenceInputError: wrong number of files, a missing modality, a file that is not a
             3D volume, NaN/inf voxels, or volumes on different grids (shape or affine).
     """
-
-    from preprocessing.ms_lesion import LPS_FROM_RAS, slice_axes
 
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and paths[0].is_dir():

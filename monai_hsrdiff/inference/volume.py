@@ -2,7 +2,9 @@
 
 Per slice along :attr:`SliceAxes.slice_axis` (display orientation, as the training items):
 
-1. the training preprocessing (:class:`SlicePreprocessing`):
+1. the task's training preprocessing (a :class:`SlicePreprocessing` from
+   ``monai_hsrdiff.tasks``: :meth:`~SlicePreprocessing.normalize_volume` once, then
+   :meth:`~SlicePreprocessing.plane_to_input` per slice), e.g.
    - LIDC: Hounsfield units resampled in-plane to the training item spacing (linear,
      air outside the scan, as ``preprocessing.lidc``), then the HU window -> [-1, 1];
    - MS-Lesion: the whole slice of the z-scored volume (z-score over brain voxels, as
@@ -17,7 +19,8 @@ The mean over samples is the probability; its entropy (bits) the uncertainty.
 
 Example::
 
-    pred = predict_volume(source, predictor, preprocessing, roi_size=128, region=Region.whole(source))
+    pp = get_task("lidc").slice_preprocessing(image_size=128)
+    pred = predict_volume(source, predictor, pp, region=Region.whole(source.shape), num_samples=16)
     pred.samples.shape   # (N, I, J, K) bool
 """
 
@@ -28,25 +31,27 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-from monai_hsrdiff.inference.source import InferenceInputError, SourceVolume
+from monai_hsrdiff.errors import InferenceInputError
+from monai_hsrdiff.inference.source import SourceVolume
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Region",
     "SlicePreprocessing",
     "VolumePrediction",
-    "lidc_preprocessing",
-    "ms_lesion_preprocessing",
     "predict_volume",
-    "zscore_brain",
+    "resample_plane",
+    "resize_plane",
 ]
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
+Predictor = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 # ----------------------------------------------------------------------------- region
@@ -143,25 +148,60 @@ class Region:
 # ---------------------------------------------------------------------- preprocessing
 
 
-def zscore_brain(data: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
-    """Z-score each channel over brain voxels exactly as ``preprocessing.ms_lesion`` does for training.
+def resample_plane(
+    plane: np.ndarray, spacing_rc: tuple[float, float], box: tuple[int, int, int, int], image_size: int,
+    item_spacing: float | None, cval: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resample a (C, rows, cols) slice (linear) onto an item grid over ``box``, at least roi-sized.
 
     Args:
-        data: (C, *spatial) raw MRI intensities (skull-stripped: background exactly 0).
-        names: one name per channel for the messages (the input files); default "channel c".
+        plane: (C, rows, cols) slice in display orientation.
+        spacing_rc: its (row, column) spacing in mm.
+        box: ``(r_lo, r_hi, c_lo, c_hi)`` inclusive pixel bounds of the region in the slice.
+        image_size: the model's roi; the item grid has at least this many pixels per axis.
+        item_spacing: item pixel spacing in mm; ``None``: the slice's own pixels.
+        cval: value outside the slice (e.g. air, -1000 HU).
 
-    Raises:
-        InferenceInputError: no voxel > 0, or a channel constant over the brain.
+    Returns:
+        ``(image (C, H, W) float, scale (2,), offset (2,))`` with
+        ``slice_pixel = scale * item_pixel + offset`` per axis (the item grid centred on the box).
     """
-    from preprocessing.ms_lesion import MSLesionInputError
-    from preprocessing.ms_lesion import zscore_brain as _zscore
+    r_lo, r_hi, c_lo, c_hi = box
+    out_shape, scale, offset = [], [], []
+    for lo, hi, sp in ((r_lo, r_hi, spacing_rc[0]), (c_lo, c_hi, spacing_rc[1])):
+        step = 1.0 if item_spacing is None else item_spacing / sp  # slice pixels per item pixel
+        n = max(int(math.ceil((hi - lo) / step)) + 1, image_size)
+        centre = 0.5 * (lo + hi)
+        out_shape.append(n)
+        scale.append(step)
+        offset.append(centre - 0.5 * (n - 1) * step)  # the item grid is centred on the box
+    img = np.stack(
+        [
+            ndimage.affine_transform(ch, np.diag(scale), np.asarray(offset), output_shape=tuple(out_shape), order=1, cval=cval)
+            for ch in plane
+        ]
+    )
+    return img, np.asarray(scale), np.asarray(offset)
 
-    try:
-        if names is None or len(names) != data.shape[0]:
-            names = [f"--input channel {c}" for c in range(data.shape[0])]
-        return _zscore(data, [str(n) for n in names])[0]
-    except MSLesionInputError as e:
-        raise InferenceInputError(str(e)) from e
+
+def resize_plane(plane: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resize a whole (C, rows, cols) slice to ``image_size``² (MONAI ``Resize``: bilinear, anti-aliased).
+
+    Returns:
+        ``(image (C, size, size) float32, scale (2,), offset (2,))``; with align_corners=False
+        ``slice_pixel = (item_pixel + 0.5) * n / size - 0.5``.
+    """
+    import torch
+    from monai.transforms import Resize
+    from monai.utils import convert_to_numpy
+
+    n = np.asarray(plane.shape[1:], dtype=np.float64)
+    size = int(image_size)
+    img = convert_to_numpy(
+        Resize((size, size), mode="bilinear", align_corners=False, anti_aliasing=True)(torch.from_numpy(np.ascontiguousarray(plane)))
+    ).astype(np.float32)
+    scale = n / size
+    return img, scale, 0.5 * scale - 0.5
 
 
 @dataclass(frozen=True)
@@ -169,16 +209,22 @@ class SlicePreprocessing:
     """How one display-orientation slice becomes the model input, and how its grid maps back.
 
     The item grid and the slice's pixel grid are related per axis by
-    ``slice_pixel = scale * item_pixel + offset`` (rows, then columns).
+    ``slice_pixel = scale * item_pixel + offset`` (rows, then columns). A task
+    (``monai_hsrdiff.tasks``) subclasses it to give its training preprocessing: this base
+    keeps the volume as it is and resamples each slice to ``item_spacing`` (``None``: native)
+    with ``background`` outside the scan.
 
     Attributes:
-        task: ``"lidc"`` or ``"ms_lesion"``.
-        volume: (C, I, J, K) -> (C, I, J, K) intensity normalisation of the whole volume
-            (MS: z-score over the brain; LIDC: identity, HU are windowed after resampling).
-        background: model-input value outside the scan (padding of the sliding window).
-        item_spacing: LIDC: in-plane spacing (mm) of the training items; ``None``: native.
-        hu_window: LIDC: HU window mapped to [-1, 1].
+        task: the task name (``"lidc"``, ``"ms_lesion"``, ...).
         image_size: the model's training size (sliding-window roi; MS: the resize target).
+        background: model-input value outside the scan (padding of the sliding window).
+        item_spacing: in-plane spacing (mm) of the training items; ``None``: native.
+        hu_window: CT: the HU window mapped to [-1, 1]; ``None`` otherwise.
+
+    Example::
+
+        pp = get_task("lidc").slice_preprocessing(128)
+        pp.as_json()   # {'task': 'lidc', 'image_size': 128, 'background': -1.0, 'item_spacing_mm': 0.5, ...}
     """
 
     task: str
@@ -187,60 +233,23 @@ class SlicePreprocessing:
     item_spacing: float | None = None
     hu_window: tuple[float, float] | None = None
 
+    def normalize_volume(self, data: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
+        """(C, I, J, K) raw intensities -> (C, I, J, K) as the slices are cut from (here: unchanged).
+
+        ``names``: one per channel (the input files), for the messages.
+        """
+        return data
+
+    def plane_to_input(
+        self, plane: np.ndarray, spacing_rc: tuple[float, float], box: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One (C, rows, cols) slice -> ``(model input (C, H, W) float32, scale, offset)`` (:func:`resample_plane`)."""
+        img, scale, offset = resample_plane(plane, spacing_rc, box, self.image_size, self.item_spacing, self.background)
+        return img.astype(np.float32), scale, offset
+
     def as_json(self) -> dict[str, Any]:
         return {"task": self.task, "image_size": self.image_size, "background": self.background,
                 "item_spacing_mm": self.item_spacing, "hu_window": None if self.hu_window is None else list(self.hu_window)}  # fmt: skip
-
-
-def lidc_preprocessing(image_size: int, item_spacing: float | None = None, hu_window: Sequence[float] | None = None) -> SlicePreprocessing:
-    """LIDC: resample to ``item_spacing`` (default: ``preprocessing.lidc``'s), HU window (default: its window)."""
-    from preprocessing.lidc import LidcOptions
-
-    default = LidcOptions()
-    window = tuple(float(v) for v in (hu_window if hu_window is not None else default.hu_window))
-    return SlicePreprocessing("lidc", int(image_size), background=-1.0, item_spacing=item_spacing, hu_window=window)  # type: ignore[arg-type]
-
-
-def ms_lesion_preprocessing(image_size: int) -> SlicePreprocessing:
-    """MS-Lesion: z-score over the brain, whole slice resized to ``image_size``."""
-    return SlicePreprocessing("ms_lesion", int(image_size), background=0.0)
-
-
-def _lidc_plane(plane_hu: np.ndarray, spacing_rc: tuple[float, float], box: tuple[int, int, int, int], pp: SlicePreprocessing):
-    """Resample a (C, rows, cols) HU slice to the item spacing over ``box`` (at least roi-sized)."""
-    from preprocessing.demo import hu_to_unit
-    from preprocessing.lidc import AIR_HU
-
-    r_lo, r_hi, c_lo, c_hi = box
-    out_shape, scale, offset = [], [], []
-    for lo, hi, sp in ((r_lo, r_hi, spacing_rc[0]), (c_lo, c_hi, spacing_rc[1])):
-        step = 1.0 if pp.item_spacing is None else pp.item_spacing / sp  # slice pixels per item pixel
-        n = max(int(math.ceil((hi - lo) / step)) + 1, pp.image_size)
-        centre = 0.5 * (lo + hi)
-        out_shape.append(n)
-        scale.append(step)
-        offset.append(centre - 0.5 * (n - 1) * step)  # the item grid is centred on the box
-    img = np.stack(
-        [
-            ndimage.affine_transform(ch, np.diag(scale), np.asarray(offset), output_shape=tuple(out_shape), order=1, cval=AIR_HU)
-            for ch in plane_hu
-        ]
-    )
-    return hu_to_unit(img, pp.hu_window), np.asarray(scale), np.asarray(offset)
-
-
-def _ms_plane(plane: np.ndarray, pp: SlicePreprocessing):
-    """Resize a whole (C, rows, cols) slice to the model size, as ``preprocessing.ms_lesion`` does."""
-    from monai.transforms import Resize
-    from monai.utils import convert_to_numpy
-
-    n = np.asarray(plane.shape[1:], dtype=np.float64)
-    size = pp.image_size
-    img = convert_to_numpy(
-        Resize((size, size), mode="bilinear", align_corners=False, anti_aliasing=True)(torch.from_numpy(np.ascontiguousarray(plane)))
-    ).astype(np.float32)
-    scale = n / size  # align_corners=False: slice = (item + 0.5) * n / size - 0.5
-    return img, scale, 0.5 * scale - 0.5
 
 
 # -------------------------------------------------------------------------- prediction
@@ -306,13 +315,14 @@ def predict_volume(
     Returns:
         :class:`VolumePrediction` with (N, I, J, K) bool samples.
     """
+    import torch
     from monai.inferers import SlidingWindowInferer
 
     t0 = time.perf_counter()
     region = region or Region.whole(source.shape)
     axes = source.axes
     # source.files: one NIfTI per channel, so a constant modality is named by its file
-    data = zscore_brain(source.data, source.files) if preprocessing.task == "ms_lesion" else source.data
+    data = preprocessing.normalize_volume(source.data, source.files)
     planes = axes.to_plane(data)  # (C, slices, rows, cols)
     # the region box in display coordinates (rows/cols may be flipped relative to the array)
     def _span(axis: int, flip: bool) -> tuple[int, int]:
@@ -335,10 +345,7 @@ def predict_volume(
     cols = np.arange(c_lo, c_hi + 1, dtype=np.float64)
     t_model = 0.0
     for s in range(s_lo, s_hi + 1):
-        if preprocessing.task == "lidc":
-            img, scale, offset = _lidc_plane(planes[:, s], spacing_rc, (r_lo, r_hi, c_lo, c_hi), preprocessing)
-        else:
-            img, scale, offset = _ms_plane(planes[:, s], preprocessing)
+        img, scale, offset = preprocessing.plane_to_input(planes[:, s], spacing_rc, (r_lo, r_hi, c_lo, c_hi))
         t1 = time.perf_counter()
         x = torch.from_numpy(np.ascontiguousarray(img))[None].to(device)
         with torch.no_grad():
@@ -359,3 +366,26 @@ def predict_volume(
     samples = np.ascontiguousarray(axes.from_plane(out_planes))
     total = time.perf_counter() - t0
     return VolumePrediction(samples, region, {"model_s": t_model, "predict_total_s": total})
+
+
+# ------------------------------------------------------------ transitional (issue 13)
+# The task's own preprocessing is ``monai_hsrdiff.tasks.get_task(task).slice_preprocessing``.
+# These two stay only until monai_hsrdiff.infer calls it; they are removed then (inference
+# must not import tasks: tasks builds on inference).
+
+
+def lidc_preprocessing(image_size: int, item_spacing: float | None = None, hu_window: Sequence[float] | None = None) -> SlicePreprocessing:
+    """Deprecated: ``get_task("lidc").slice_preprocessing(image_size, item_spacing)``."""
+    from dataclasses import replace
+
+    from monai_hsrdiff.tasks import get_task
+
+    pp = get_task("lidc").slice_preprocessing(image_size, item_spacing)
+    return pp if hu_window is None else replace(pp, hu_window=tuple(float(v) for v in hu_window))
+
+
+def ms_lesion_preprocessing(image_size: int) -> SlicePreprocessing:
+    """Deprecated: ``get_task("ms_lesion").slice_preprocessing(image_size)``."""
+    from monai_hsrdiff.tasks import get_task
+
+    return get_task("ms_lesion").slice_preprocessing(image_size)
