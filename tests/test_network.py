@@ -279,3 +279,17 @@ def test_forward_errors():
         net(x, t, condition=c[:1])
     with pytest.raises(ValueError, match=r"shape \(B, C, \*spatial\) with 2 spatial dims"):
         net(x[0], t, condition=c)
+
+
+def test_preset_value_is_the_deprecated_preset_key(capsys):
+    from monai_hsrdiff.networks import preset_value
+
+    # the bundle's own preset: the value network_def writes (or its override) is kept, silently
+    assert preset_value("hsrdiff", "channels", [8, 16]) == [8, 16]
+    assert capsys.readouterr().err == ""
+    # another preset: its value, with a note naming the override to use instead
+    assert preset_value("hsrdiff_light", "channels", [64, 128, 256, 512]) == [32, 64, 128, 160]
+    assert "DEPRECATED" in capsys.readouterr().err
+    assert preset_value("hsrdiff_light", "num_res_blocks", 2) == 2  # the presets agree there
+    with pytest.raises(ValueError, match="unknown preset name 'hsrdif'"):
+        preset_value("hsrdif", "channels", [64])

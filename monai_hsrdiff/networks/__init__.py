@@ -1,4 +1,4 @@
-"""HSRDiff networks: the denoising network and its two presets."""
+"""HSRDiff networks: the denoising network and its two presets (the bundles write the network out in ``network_def``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .hsrdiff import (
     HSRDiffOutput,
     SelfRegulationHead,
 )
-from .presets import PRESETS, get_preset, hsrdiff, hsrdiff_light
+from .presets import PRESETS, get_preset, hsrdiff, hsrdiff_light, preset_value
 
 __all__ = [
     "CONDITIONS",
@@ -25,4 +25,5 @@ __all__ = [
     "get_preset",
     "hsrdiff",
     "hsrdiff_light",
+    "preset_value",
 ]

@@ -14,15 +14,29 @@ preset              channels                parameters          paper
 ``hsrdiff``         (64, 128, 256, 512)     102,590,916         96.14M (+6.7%)
 ``hsrdiff_light``   (32, 64, 128, 160)      13,600,388          12.89M (+5.5%)
 ==================  ======================  ==================  ================
+
+The bundles' ``network_def`` writes every :class:`HSRDiff` argument out with the ``hsrdiff``
+values; ``hsrdiff_light`` is the override ``--network_def#channels "[32,64,128,160]"``. The
+older bundle key ``preset`` still works through :func:`preset_value` (deprecated).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 from .hsrdiff import HSRDiff
 
-__all__ = ["PRESETS", "PRESET_CONFIGS", "PAPER_PARAMETERS", "get_preset", "hsrdiff", "hsrdiff_light"]
+__all__ = [
+    "BUNDLE_PRESET",
+    "PAPER_PARAMETERS",
+    "PRESETS",
+    "PRESET_CONFIGS",
+    "get_preset",
+    "hsrdiff",
+    "hsrdiff_light",
+    "preset_value",
+]
 
 _COMMON: dict[str, Any] = {
     "spatial_dims": 2,
@@ -40,6 +54,9 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
     "hsrdiff": {**_COMMON, "channels": (64, 128, 256, 512)},
     "hsrdiff_light": {**_COMMON, "channels": (32, 64, 128, 160)},
 }
+
+#: The preset whose values the bundles' ``network_def`` writes out.
+BUNDLE_PRESET = "hsrdiff"
 
 #: Parameter counts the paper reports (Table 1).
 PAPER_PARAMETERS: dict[str, int] = {"hsrdiff": 96_140_000, "hsrdiff_light": 12_890_000}
@@ -82,6 +99,12 @@ def hsrdiff_light(in_channels: int = 1, out_channels: int = 1, **overrides: Any)
 PRESETS: dict[str, Callable[..., HSRDiff]] = {"hsrdiff": hsrdiff, "hsrdiff_light": hsrdiff_light}
 
 
+def _preset_config(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ValueError(f"get_preset: unknown preset name {name!r}; choose one of {sorted(PRESETS)}.")
+    return PRESET_CONFIGS[name]
+
+
 def get_preset(name: str, **kwargs: Any) -> HSRDiff:
     """Build a preset by name (for configs that name the scale as a string).
 
@@ -96,6 +119,38 @@ def get_preset(name: str, **kwargs: Any) -> HSRDiff:
 
         net = get_preset("hsrdiff_light", in_channels=4)
     """
-    if name not in PRESETS:
-        raise ValueError(f"get_preset: unknown preset name {name!r}; choose one of {sorted(PRESETS)}.")
+    _preset_config(name)
     return PRESETS[name](**kwargs)
+
+
+def preset_value(preset: str, key: str, value: Any) -> Any:
+    """The bundle key ``preset`` (deprecated) applied to one ``network_def`` argument.
+
+    ``network_def`` writes every argument out with the ``hsrdiff`` values; for ``preset`` =
+    :data:`BUNDLE_PRESET` this returns ``value`` (what the config shows, or its override). For
+    another preset it returns that preset's value and prints a deprecation note naming the
+    override to use instead.
+
+    Args:
+        preset: the bundle key ``preset``.
+        key: an :class:`HSRDiff` argument, e.g. ``"channels"``.
+        value: the value ``network_def`` writes for ``key``.
+
+    Raises:
+        ValueError: ``preset`` is not a preset name.
+
+    Example::
+
+        preset_value("hsrdiff_light", "channels", [64, 128, 256, 512])  # -> [32, 64, 128, 160], with a note
+    """
+    config = _preset_config(preset)
+    if preset == BUNDLE_PRESET or config[key] == PRESET_CONFIGS[BUNDLE_PRESET][key]:
+        return value
+    shown = list(config[key]) if isinstance(config[key], tuple) else config[key]
+    print(
+        f"[hsrdiff] DEPRECATED: the bundle key preset={preset!r} sets network_def#{key} to {shown}; "
+        f"write --network_def#{key} \"{shown}\" instead (preset will be removed).",
+        file=sys.stderr,
+        flush=True,
+    )
+    return shown
