@@ -10,8 +10,8 @@ contour points on that slice; up to 4 masks, empty for readers who did not mark 
 image is synthesised: lung parenchyma (~-850 HU) with smooth noise texture, vessel-like
 tubes, sometimes a chest-wall edge, and a nodule whose intensity follows the readers'
 SOFT consensus (mean of their masks, smoothed), so the image is informative but the
-readers still disagree. HU are windowed to [-1, 1] with :data:`LIDC_HU_WINDOW`, which must
-equal the window of ``preprocessing.lidc``. Patients are the real LIDC patient ids.
+readers still disagree. HU are windowed to [-1, 1] with the LIDC task's window
+(``monai_hsrdiff.tasks.lidc.LIDC_HU_WINDOW``, the one ``preprocessing.lidc`` and inference use). Patients are the real LIDC patient ids.
 
 ``--task ms_lesion``: synthetic 4-channel (FLAIR, MPRAGE, PD, T2) brain-like slices with
 blobby lesions and two raters who disagree at the borders (rater 1 generous, rater 2
@@ -55,6 +55,10 @@ from monai_hsrdiff.utils import (
     unexpected_entries,
 )
 from monai_hsrdiff.data.items import index_to_physical_matrix, save_item
+from monai_hsrdiff.tasks import get_task
+from monai_hsrdiff.tasks.lidc import LIDC_HU_WINDOW, hu_to_unit  # the LIDC task's window, as preprocessing.lidc
+
+from .synthetic import synth_ct, synth_ms_slice
 
 from .common import DATALIST_NAME, RunSummary, add_split_arguments, require_out_folder, split_by_patient, write_datalist
 
@@ -66,20 +70,12 @@ __all__ = [
     "hu_to_unit",
     "lidc_nodules",
     "main",
-    "synth_ct",
+    "synth_ct",  # from preprocessing.synthetic
     "synth_ms_slice",
 ]
 
-# Must equal the HU window of preprocessing.lidc: [-1000, 400] HU -> [-1, 1] (clipped).
-LIDC_HU_WINDOW = (-1000.0, 400.0)
 MAX_READERS = 4
 SYNTHETIC_BANNER = "SYNTHETIC images: demo data for trying the pipeline, not for reporting results"
-
-
-def hu_to_unit(hu: np.ndarray, window: tuple[float, float] = LIDC_HU_WINDOW) -> np.ndarray:
-    """Clip HU to ``window`` and map it linearly to [-1, 1] (float32)."""
-    lo, hi = window
-    return (np.clip((np.asarray(hu, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- LIDC
@@ -180,51 +176,6 @@ def _paste(canvas: np.ndarray, patch: np.ndarray, r: int, c: int) -> None:
         canvas[rs:re_, cs:ce] |= patch[rs - r : re_ - r, cs - c : ce - c].astype(canvas.dtype)
 
 
-def synth_ct(soft: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Synthetic CT-like slice in HU around a soft nodule map.
-
-    Args:
-        soft: (H, W) in [0, 1], the smoothed mean of the reader masks (nodule consensus).
-        rng: random generator (texture, vessels, chest wall, nodule density).
-
-    Returns:
-        (H, W) float64 HU: lung ~-850 with smooth texture, vessel tubes, optional chest
-        wall, and the nodule blended in proportionally to ``soft``.
-    """
-    h, w = soft.shape
-    hu = -850.0 + 35.0 * _unit_noise(rng, (h, w), sigma=4.0) + 15.0 * _unit_noise(rng, (h, w), sigma=1.0)
-    # vessels: smooth random curves rendered as blurred lines, thin and thick
-    for sigma, n in ((0.8, rng.integers(2, 5)), (1.8, rng.integers(0, 3))):
-        lines = np.zeros((h, w))
-        for _ in range(n):
-            p = rng.uniform(0, [h, w], size=(3, 2))
-            t = np.linspace(0, 1, 4 * (h + w))[:, None]
-            curve = (1 - t) ** 2 * p[0] + 2 * (1 - t) * t * p[1] + t**2 * p[2]  # quadratic Bézier
-            rr, cc = np.clip(np.rint(curve).astype(int), 0, [h - 1, w - 1]).T
-            lines[rr, cc] = 1.0
-        tubes = gaussian_filter(lines, sigma)
-        if tubes.max() > 0:
-            hu += rng.uniform(600, 850) * np.clip(tubes / tubes.max() * 1.6, 0, 1)
-    if rng.random() < 0.35:  # chest wall along one edge: soft tissue (+40 HU) behind a fat layer (-100 HU)
-        side = rng.integers(4)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-        depth = [yy, h - 1 - yy, xx, w - 1 - xx][side]
-        along = [xx, xx, yy, yy][side]
-        edge = rng.uniform(6, 16) + 3 * np.sin(along / rng.uniform(8, 20) + rng.uniform(0, 6.3))
-        fat = 1 / (1 + np.exp((depth - edge - 3) / 1.0))
-        tissue = 1 / (1 + np.exp((depth - edge) / 1.0))
-        hu = hu * (1 - fat) + (-100.0) * (fat - tissue) + (40.0 + 20 * _unit_noise(rng, (h, w), 2.0)) * tissue
-    nodule_hu = rng.uniform(-450.0, 60.0)  # ground-glass to solid
-    hu = hu * (1 - soft) + (nodule_hu + 25.0 * _unit_noise(rng, (h, w), 1.5)) * soft
-    return hu + 12.0 * rng.standard_normal((h, w))  # scanner noise
-
-
-def _unit_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Gaussian-smoothed white noise rescaled to unit standard deviation."""
-    n = gaussian_filter(rng.standard_normal(shape), sigma)
-    return n / (n.std() + 1e-12)
-
-
 def _lidc_items(num_items: int, size: int, seed: int, log: Callable[[str], None]):
     for n, nod in enumerate(lidc_nodules(num_items, seed, size, log)):
         rng = np.random.default_rng([seed, 1, n])
@@ -264,70 +215,6 @@ def _lidc_items(num_items: int, size: int, seed: int, log: Callable[[str], None]
 
 # ------------------------------------------------------------------------ MS-Lesion
 
-# arbitrary-unit tissue intensities per channel (FLAIR, MPRAGE, PD, T2): WM, GM, CSF, lesion
-_MS_CONTRAST = np.array(
-    [
-        [0.55, 0.65, 0.10, 1.00],  # FLAIR: CSF suppressed, lesions bright
-        [0.85, 0.55, 0.15, 0.45],  # MPRAGE (T1): WM bright, lesions dark
-        [0.60, 0.75, 0.80, 0.95],  # PD
-        [0.40, 0.60, 1.00, 0.90],  # T2: CSF and lesions bright
-    ]
-)
-
-
-def synth_ms_slice(size: int, rng: np.random.Generator, with_lesions: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic 4-channel brain-like slice and two rater masks.
-
-    Returns:
-        image (4, size, size) float32, z-scored per channel over the brain (outside 0);
-        masks (2, size, size) uint8: rater 1 thresholds the lesion map generously
-        (dilated borders), rater 2 conservatively (eroded) and misses the smallest lesion
-        with probability 0.3.
-    """
-    s = size
-    yy, xx = (np.mgrid[0:s, 0:s].astype(np.float64) - (s - 1) / 2) / s
-    cy, cx = rng.uniform(-0.03, 0.03, 2)
-    ang = rng.uniform(-0.2, 0.2)
-    u = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)
-    v = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
-    ay, ax = rng.uniform(0.38, 0.44), rng.uniform(0.30, 0.36)
-    r = np.sqrt((u / ax) ** 2 + (v / ay) ** 2) + 0.04 * _unit_noise(rng, (s, s), s / 16)
-    brain = r < 1.0
-    wm = r < 0.72
-    vent_w = rng.uniform(0.05, 0.09)
-    csf = (((np.abs(u) - 0.06) / vent_w) ** 2 + (v / rng.uniform(0.12, 0.2)) ** 2 < 1.0) | ((r > 0.95) & brain)
-    tissue = np.stack([wm & ~csf, brain & ~wm & ~csf, csf & brain]).astype(np.float64)  # WM, GM, CSF
-    tissue = gaussian_filter(tissue, (0, 1.0, 1.0))
-    lesion_map = np.zeros((s, s))
-    blobs = []
-    if with_lesions:
-        for _ in range(rng.integers(1, 6)):
-            while True:  # a centre in white matter, away from the ventricles
-                py, px = rng.uniform(0, s, 2).astype(int)
-                if wm[py, px] and not csf[py, px]:
-                    break
-            rad = rng.uniform(1.2, 5.0) * s / 128 * 1.5
-            blob = np.exp(-(((np.mgrid[0:s, 0:s][0] - py) ** 2 + (np.mgrid[0:s, 0:s][1] - px) ** 2) / (2 * rad**2)))
-            blob *= 1 + 0.25 * _unit_noise(rng, (s, s), max(rad / 2, 1.0))
-            blobs.append((rad, blob))
-            lesion_map = np.maximum(lesion_map, blob)
-    lesion_map *= brain
-    m1 = lesion_map > 0.35
-    m2 = lesion_map > 0.6
-    if blobs and rng.random() < 0.3:  # rater 2 misses the smallest lesion
-        rad, blob = min(blobs, key=lambda b: b[0])
-        m2 &= ~(blob > 0.2)
-    soft = np.clip(lesion_map * 1.4, 0, 1)
-    bias = 1 + 0.08 * _unit_noise(rng, (s, s), s / 4)
-    image = np.empty((4, s, s), np.float32)
-    for c in range(4):
-        base = _MS_CONTRAST[c, :3] @ tissue.reshape(3, -1)
-        x = base.reshape(s, s) * (1 - soft) + _MS_CONTRAST[c, 3] * soft
-        x = x * bias + 0.03 * rng.standard_normal((s, s))
-        vals = x[brain]
-        image[c] = np.where(brain, (x - vals.mean()) / (vals.std() + 1e-12), 0.0)
-    return image, np.stack([m1, m2]).astype(np.uint8)
-
 
 def _ms_items(num_items: int, size: int, seed: int, log: Callable[[str], None]):
     per_patient = 20
@@ -345,7 +232,7 @@ def _ms_items(num_items: int, size: int, seed: int, log: Callable[[str], None]):
             "patient": patient,
             "source": "synthetic (no source volume)",
             "slice_index": k,
-            "channels": ["FLAIR", "MPRAGE", "PD", "T2"],
+            "channels": [c.upper() for c in get_task("ms_lesion").channels],
             "readers": ["mask1", "mask2"],
             "source_size": [size, size, num_items],
             "source_spacing": [1.0, 1.0, 1.0],
@@ -455,7 +342,7 @@ def build_demo(
             summary.skip(task, f"only {len(entries)} items available, {num_items} asked")
         patients = sorted({e["patient"] for e in entries})
         summary.patients = len(patients)
-        channels = ["CT"] if task == "lidc" else ["FLAIR", "MPRAGE", "PD", "T2"]
+        channels = [c.upper() for c in get_task(task).channels]
         description = (
             f"{SYNTHETIC_BANNER}. "
             + (

@@ -40,7 +40,9 @@ import numpy as np
 from scipy import ndimage
 
 from monai_hsrdiff.data.items import save_item
+from monai_hsrdiff.errors import HSRDiffInputError
 from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
+from monai_hsrdiff.tasks.lidc import AIR_HU, LIDC_HU_WINDOW, LIDC_ITEM_SPACING, hu_to_unit
 from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, remove_interrupted_writes, replace_dir
 from preprocessing.common import (
     RunSummary,
@@ -53,11 +55,10 @@ from preprocessing.common import (
 )
 from preprocessing.pylidc_compat import import_pylidc
 
-__all__ = ["LAYOUT", "LidcOptions", "LidcPreparationError", "main", "nodule_items", "prepare_lidc", "prepare_patient"]
+__all__ = ["AIR_HU", "LAYOUT", "LidcOptions", "LidcPreparationError", "main", "nodule_items", "prepare_lidc", "prepare_patient"]
 
 MAX_READERS = 4
 MANIFEST = "manifest.json"
-AIR_HU = -1000.0
 PATIENT_FOLDER = r"LIDC-IDRI-\d{4}"
 # What this converter writes into --out, and how its output of a release before stamps is recognised.
 LAYOUT = converter_layout(
@@ -67,13 +68,15 @@ LAYOUT = converter_layout(
 )  # fmt: skip
 
 
-class LidcPreparationError(ValueError):
+class LidcPreparationError(HSRDiffInputError):
     """A patient or scan cannot be prepared (the message names the patient and the problem)."""
 
 
 @dataclass(frozen=True)
 class LidcOptions:
     """Settings that determine the items (stored in every patient's manifest).
+
+    The defaults are the LIDC task's (``monai_hsrdiff.tasks.lidc``), which inference uses.
 
     Args:
         spacing: in-plane spacing of the items in mm (the Probabilistic U-Net used 0.5).
@@ -82,10 +85,10 @@ class LidcOptions:
         hu_window: (low, high) HU mapped linearly to [-1, 1]; values outside are clipped.
     """
 
-    spacing: float = 0.5
+    spacing: float = LIDC_ITEM_SPACING
     size: int = 128
     min_readers: int = 1
-    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    hu_window: tuple[float, float] = LIDC_HU_WINDOW
 
     def __post_init__(self) -> None:
         if not self.spacing > 0:
@@ -102,11 +105,6 @@ class LidcOptions:
         d = asdict(self)
         d["hu_window"] = [float(v) for v in self.hu_window]
         return d
-
-
-def _window(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    lo, hi = window
-    return np.clip(2.0 * (hu - lo) / (hi - lo) - 1.0, -1.0, 1.0).astype(np.float32)
 
 
 def _annotation_masks(ann, scan_zvals: np.ndarray, series: DicomSeries, what: str) -> dict[int, np.ndarray]:
@@ -207,7 +205,7 @@ def nodule_items(
             (
                 name,
                 {
-                    "image": _window(hu, options.hu_window)[None],
+                    "image": hu_to_unit(hu, options.hu_window)[None],
                     "masks": masks,
                     "item_to_index": item_to_index,
                     "item_to_physical": index_to_physical @ item_to_index,
@@ -411,9 +409,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", nargs="+", default=None, help="patient ids, e.g. LIDC-IDRI-0001 LIDC-IDRI-0078")
     p.add_argument("--limit", type=int, default=None, help="only the first K selected patients")
     p.add_argument("--min-readers", type=int, default=1, help="keep nodules marked by at least k readers (1..4)")
-    p.add_argument("--spacing", type=float, default=0.5, help="in-plane item spacing in mm (default 0.5)")
+    p.add_argument("--spacing", type=float, default=LIDC_ITEM_SPACING, help=f"in-plane item spacing in mm (default {LIDC_ITEM_SPACING})")
     p.add_argument("--size", type=int, default=128, help="item size in pixels (default 128)")
-    p.add_argument("--hu-window", type=float, nargs=2, default=(-1000.0, 400.0), metavar=("LOW", "HIGH"))
+    p.add_argument("--hu-window", type=float, nargs=2, default=LIDC_HU_WINDOW, metavar=("LOW", "HIGH"))
     add_split_arguments(p, seed_help="seed of the patient-level split", overwrite_help="redo patients that are already prepared")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="stop at, or skip, a bad patient")
     return p
