@@ -35,16 +35,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +49,8 @@ import nibabel as nib
 import numpy as np
 
 from monai_hsrdiff.data.items import save_item
+from monai_hsrdiff.io.geometry import LPS_FROM_RAS, SliceAxes, axial_axis, slice_axes, slice_item_to_index
+from monai_hsrdiff.tasks.ms_lesion import MODALITIES, RATERS, MSLesionInputError, zscore_brain
 from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, replace_dir
 
 from .common import (
@@ -63,23 +62,26 @@ from .common import (
     split_by_patient,
     write_datalist,
 )
+from .ms_lesion_input import TimePoint, check_headers, find_time_points, read_volume, time_point_errors, volume_shape
 
 __all__ = [
     "LAYOUT",
-    "MODALITIES",
+    "LPS_FROM_RAS",  # from monai_hsrdiff.io.geometry
+    "MODALITIES",  # from monai_hsrdiff.tasks.ms_lesion, as RATERS, MSLesionInputError, zscore_brain
     "RATERS",
     "MSLesionInputError",
     "TimePoint",
     "axial_axis",
+    "check_headers",
     "find_time_points",
     "main",
     "preprocess_ms_lesion",
+    "slice_axes",
     "slice_item_to_index",
     "volume_shape",
+    "zscore_brain",
 ]
 
-MODALITIES = ("flair", "mprage", "pd", "t2")  # channel order of the items
-RATERS = ("mask1", "mask2")
 MANIFEST = "unit.json"
 # What this converter writes into --out, and how its output of a release before stamps is recognised.
 LAYOUT = converter_layout(
@@ -87,199 +89,6 @@ LAYOUT = converter_layout(
     lambda doc: doc.get("name") == "ms_lesion" and doc.get("task") == "ms_lesion" and "settings" in doc,
     unit=r"training\d+", manifest=MANIFEST,
 )  # fmt: skip
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-_IMAGE_RE = re.compile(r"^(training\d+)_(\d+)_(flair|mprage|pd|t2)_pp\.nii(\.gz)?$")
-_MASK_RE = re.compile(r"^(training\d+)_(\d+)_(mask[12])\.nii(\.gz)?$")
-
-
-class MSLesionInputError(ValueError):
-    """The ISBI-2015 input is incomplete or inconsistent (names the file and the problem)."""
-
-
-@dataclass
-class TimePoint:
-    """The six files of one patient's time point."""
-
-    patient: str
-    time_point: str
-    images: dict[str, Path] = field(default_factory=dict)  # modality -> file
-    masks: dict[str, Path] = field(default_factory=dict)  # rater -> file
-
-    @property
-    def name(self) -> str:
-        return f"{self.patient}_{self.time_point}"
-
-
-def _training_dir(root: Path) -> Path:
-    if not root.is_dir():
-        raise MSLesionInputError(f"--root {root} is not a folder; point it at the ISBI-2015 folder holding training/")
-    return root / "training" if (root / "training").is_dir() else root
-
-
-def find_time_points(root: str | os.PathLike) -> dict[str, list[TimePoint]]:
-    """Discover ``{patient: [TimePoint, ...]}`` under ``root``; every file must be present.
-
-    Raises:
-        MSLesionInputError: no ``trainingXX`` folder, or a time point lacks a modality or
-            a mask (the message gives the expected file path).
-    """
-    root = Path(root)
-    tdir = _training_dir(root)
-    patient_dirs = sorted(p for p in tdir.iterdir() if p.is_dir() and re.fullmatch(r"training\d+", p.name))
-    if not patient_dirs:
-        raise MSLesionInputError(
-            f"no trainingXX folders under {tdir}; expected the ISBI-2015 layout "
-            "ROOT/training/trainingXX/preprocessed/trainingXX_YY_flair_pp.nii and .../masks/trainingXX_YY_mask1.nii"
-        )
-    out: dict[str, list[TimePoint]] = {}
-    for pdir in patient_dirs:
-        patient = pdir.name
-        tps: dict[str, TimePoint] = {}
-        for sub, regex, slot in (("preprocessed", _IMAGE_RE, "images"), ("masks", _MASK_RE, "masks")):
-            folder = pdir / sub
-            for f in sorted(folder.iterdir()) if folder.is_dir() else []:
-                m = regex.match(f.name)
-                if m is None or m.group(1) != patient:
-                    continue
-                tp = tps.setdefault(m.group(2), TimePoint(patient, m.group(2)))
-                getattr(tp, slot)[m.group(3)] = f
-        if not tps:
-            raise MSLesionInputError(
-                f"patient {patient}: no time points found in {pdir / 'preprocessed'} or {pdir / 'masks'} "
-                f"(expected files like {patient}_01_flair_pp.nii and {patient}_01_mask1.nii)"
-            )
-        for key in sorted(tps):
-            tp = tps[key]
-            for mod in MODALITIES:
-                if mod not in tp.images:
-                    expected = pdir / "preprocessed" / f"{tp.name}_{mod}_pp.nii"
-                    raise MSLesionInputError(f"patient {patient}, time point {tp.time_point}: missing {mod.upper()} image {expected}")
-            for rater in RATERS:
-                if rater not in tp.masks:
-                    expected = pdir / "masks" / f"{tp.name}_{rater}.nii"
-                    raise MSLesionInputError(f"patient {patient}, time point {tp.time_point}: missing rater mask {expected}")
-        out[patient] = [tps[k] for k in sorted(tps)]
-    return out
-
-
-@contextlib.contextmanager
-def _time_point_errors(tp: TimePoint) -> Iterator[None]:
-    """Prefix every :class:`MSLesionInputError` raised inside with the patient and time point."""
-    prefix = f"patient {tp.patient}, time point {tp.time_point}: "
-    try:
-        yield
-    except MSLesionInputError as e:
-        if str(e).startswith(prefix):
-            raise
-        raise MSLesionInputError(prefix + str(e)) from e
-
-
-def volume_shape(shape: Sequence[int], path: str | os.PathLike) -> tuple[int, int, int]:
-    """The 3D shape of a NIfTI whose array shape is ``shape``: trailing singleton axes dropped.
-
-    Converters often write a 3D volume as (X, Y, Z, 1) (one time point, NIfTI dim 4 = 1);
-    that is the same volume. A real 4D series (X, Y, Z, k > 1) or a 2D image is refused.
-
-    Example::
-
-        volume_shape((24, 24, 12, 1), "t2.nii")  # (24, 24, 12)
-    """
-    shape = tuple(int(n) for n in shape)
-    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
-        kind = f"a {len(shape)}D series of {int(np.prod(shape[3:]))} volumes" if len(shape) > 3 else f"a {len(shape)}D image"
-        raise MSLesionInputError(f"{path}: expected a 3D volume, got {kind} (shape {shape}); pass one 3D volume per file")
-    return shape[:3]
-
-
-def _load(path: Path) -> tuple[Any, tuple[int, int, int]]:
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel raises several types for unreadable files
-        raise MSLesionInputError(f"cannot read {path}: {e}") from e
-    return img, volume_shape(img.shape, path)
-
-
-def check_headers(tp: TimePoint, atol: float = 1e-3) -> None:
-    """All six files of a time point must be 3D with the same shape and affine (headers only).
-
-    A file of shape (X, Y, Z, 1) counts as the 3D volume (X, Y, Z) (:func:`volume_shape`).
-    Errors name the file, the patient and the time point.
-    """
-    with _time_point_errors(tp):
-        _check_headers(tp, atol)
-
-
-def _check_headers(tp: TimePoint, atol: float) -> None:
-    files = [tp.images[m] for m in MODALITIES] + [tp.masks[r] for r in RATERS]
-    ref_file = files[0]
-    ref, ref_shape = _load(ref_file)
-    for f in files[1:]:
-        img, shape = _load(f)
-        if shape != ref_shape:
-            raise MSLesionInputError(f"shape mismatch: {f} has shape {shape} but {ref_file} has {ref_shape}")
-        if not np.allclose(img.affine, ref.affine, atol=atol):
-            raise MSLesionInputError(
-                f"affine mismatch: {f} and {ref_file} are not on the same voxel grid\n"
-                f"{f.name}:\n{np.array2string(img.affine, precision=4)}\n{ref_file.name}:\n{np.array2string(ref.affine, precision=4)}"
-            )
-
-
-def _read(path: Path) -> np.ndarray:
-    img, shape = _load(path)
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-    except Exception as e:  # a cut .nii.gz passes the header check and fails here (EOFError, zlib.error, ...)
-        raise MSLesionInputError(f"cannot read the voxels of {path} (truncated or corrupt?): {type(e).__name__}: {e}") from e
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise MSLesionInputError(f"{path}: {int(bad.sum())} NaN/inf voxels (of {data.size}); fix or re-export the volume")
-    return data
-
-
-def axial_axis(affine: np.ndarray) -> int:
-    """Array axis whose physical direction is closest to the S (z) axis of a 4×4 affine."""
-    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
-    cos_z = np.abs(cols[2]) / np.linalg.norm(cols, axis=0)
-    return int(np.argmax(cos_z))
-
-
-def slice_axes(affine_lps: np.ndarray) -> tuple[int, int, int, bool, bool]:
-    """(slice axis, row axis, column axis, flip rows, flip columns) for DICOM display orientation.
-
-    Columns run along the in-plane axis closest to LPS x and increase towards patient
-    Left; rows run along the other one and increase towards Posterior (+y).
-    """
-    cols = np.asarray(affine_lps, dtype=np.float64)[:3, :3]
-    unit = cols / np.linalg.norm(cols, axis=0)
-    k = axial_axis(affine_lps)
-    a, b = [i for i in range(3) if i != k]
-    col_axis, row_axis = (a, b) if abs(unit[0, a]) >= abs(unit[0, b]) else (b, a)
-    return k, row_axis, col_axis, bool(unit[1, row_axis] < 0), bool(unit[0, col_axis] < 0)
-
-
-def slice_item_to_index(
-    shape: Sequence[int], axes: tuple[int, int, int, bool, bool], k: int, size: int
-) -> np.ndarray:
-    """4×4 map item pixel (row, col, 0, 1) -> continuous source index (i, j, k, 1).
-
-    Resizing ``n`` source pixels to ``size`` with pixel centres aligned (align_corners=False)
-    maps item coordinate ``r`` to ``u = (r + 0.5)·n/size − 0.5``; a flipped axis reads
-    ``n − 1 − u``. The item's third coordinate steps to the next slice, so the matrix is
-    invertible.
-    """
-    k_axis, row_axis, col_axis, flip_r, flip_c = axes
-    m = np.zeros((4, 4))
-    for item_dim, axis, flip in ((0, row_axis, flip_r), (1, col_axis, flip_c)):
-        n = shape[axis]
-        s = n / size
-        off = 0.5 * s - 0.5
-        m[axis, item_dim], m[axis, 3] = (-s, n - 1 - off) if flip else (s, off)
-    m[k_axis, 2] = 1.0
-    m[k_axis, 3] = k
-    m[3, 3] = 1.0
-    return m
-
 
 def _itk_geometry(affine_lps: np.ndarray) -> dict[str, list[float]]:
     cols = affine_lps[:3, :3]
@@ -292,43 +101,11 @@ def _itk_geometry(affine_lps: np.ndarray) -> dict[str, list[float]]:
     }
 
 
-def zscore_brain(vols: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]]]:
-    """Z-score each channel over brain voxels (any channel > 0), background set to 0.
-
-    nnU-Net's "nonzero" scheme, for skull-stripped images whose background is exactly 0.
-
-    Args:
-        vols: (C, *spatial) raw intensities.
-        names: one name per channel (a file name) for the error messages.
-
-    Returns:
-        (z-scored float32 volumes, boolean brain mask (*spatial), {name: [mean, std]}).
-
-    Raises:
-        MSLesionInputError: no voxel > 0 at all, or a channel constant over the brain.
-    """
-    brain = (vols > 0).any(axis=0)
-    if not brain.any():
-        raise MSLesionInputError(
-            f"no voxel > 0 in any of {', '.join(map(str, names))}; expected skull-stripped images (background 0)"
-        )
-    out = np.zeros(vols.shape, dtype=np.float32)
-    stats = {}
-    for c, name in enumerate(names):
-        v = vols[c][brain]
-        mean, std = float(v.mean()), float(v.std())
-        if std <= 0:
-            raise MSLesionInputError(f"{name}: constant over the brain (std 0), cannot z-score")
-        out[c] = np.where(brain, (vols[c] - mean) / std, 0.0)
-        stats[name] = [mean, std]
-    return out, brain, stats
-
-
 def _time_point_items(
     tp: TimePoint, root: Path, size: int, empty_share: float, seed: int
 ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]]:
     """Build the (name, image, masks, item_to_index, item_to_physical, meta) of one time point."""
-    with _time_point_errors(tp):
+    with time_point_errors(tp):
         return _time_point_items_checked(tp, root, size, empty_share, seed)
 
 
@@ -336,24 +113,16 @@ def _time_point_items_checked(
     tp: TimePoint, root: Path, size: int, empty_share: float, seed: int
 ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]]:
     check_headers(tp)
-    vols = np.stack([_read(tp.images[m]) for m in MODALITIES])  # (4, X, Y, Z)
-    masks = np.stack([_read(tp.masks[r]) > 0 for r in RATERS])  # (2, X, Y, Z)
+    vols = np.stack([read_volume(tp.images[m]) for m in MODALITIES])  # (4, X, Y, Z)
+    masks = np.stack([read_volume(tp.masks[r]) > 0 for r in RATERS])  # (2, X, Y, Z)
     affine_lps = LPS_FROM_RAS @ nib.load(tp.images["flair"]).affine
 
     vols, brain, by_file = zscore_brain(vols, [str(tp.images[m]) for m in MODALITIES])
     stats = dict(zip(MODALITIES, by_file.values()))
 
     axes = slice_axes(affine_lps)
-    k_axis, row_axis, col_axis, flip_r, flip_c = axes
-
-    def planes(x: np.ndarray) -> np.ndarray:  # (C, X, Y, Z) -> (C, K, rows, cols), display orientation
-        x = np.moveaxis(x, (1 + k_axis, 1 + row_axis, 1 + col_axis), (1, 2, 3))
-        if flip_r:
-            x = x[:, :, ::-1]
-        if flip_c:
-            x = x[:, :, :, ::-1]
-        return x
-
+    k_axis = axes[0]
+    planes = SliceAxes(*axes).to_plane  # (C, X, Y, Z) -> (C, K, rows, cols), display orientation (as inference)
     img_p, mask_p, brain_p = planes(vols), planes(masks), planes(brain[None])[0]
     lesion = mask_p.any(axis=(0, 2, 3))
     lesion_slices = np.flatnonzero(lesion)
