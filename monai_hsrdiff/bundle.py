@@ -36,57 +36,10 @@ __all__ = [
     "require_writable",
 ]
 
-TASKS = ("lidc", "ms_lesion")
+from monai_hsrdiff.errors import BundleError, fail
+from monai_hsrdiff.paths import TASKS, bundle_root, check_task, default_dataset_dir, default_run_dir, repo_root
 
-
-class BundleError(SystemExit):
-    """Stops a bundle run with a one-paragraph message (exit code 2), no traceback.
-
-    It derives from ``SystemExit`` because ``python -m monai.bundle`` prints a full
-    traceback for ordinary exceptions raised inside config expressions.
-    """
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def fail(message: str) -> BundleError:
-    """Print ``message`` to stderr (so it shows even when the caller catches nothing) and return the error."""
-    print(f"\nERROR: {message}\n", file=sys.stderr, flush=True)
-    return BundleError(message)
-
-
-def repo_root() -> Path:
-    """The checkout holding this package (``pyproject.toml`` beside it), else the working directory."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "pyproject.toml").is_file() else Path.cwd()
-
-
-def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise fail(f"unknown task {task!r}; expected one of {list(TASKS)}")
-    return task
-
-
-def bundle_root(task: str) -> str:
-    """``<repo>/bundles/<task>``."""
-    return str(repo_root() / "bundles" / _check_task(task))
-
-
-def default_run_dir(task: str, name: str = "") -> str:
-    """``$HSRDIFF_RUN_ROOT/<task>[_<name>]``, default ``<repo>/runs/<task>[_<name>]``."""
-    root = Path(os.environ.get("HSRDIFF_RUN_ROOT", repo_root() / "runs"))
-    return str(root / (_check_task(task) + (f"_{name}" if name else "")))
-
-
-def default_dataset_dir(task: str, demo: bool = False) -> str:
-    """``$HSRDIFF_DATA_ROOT/<task>`` (or ``demo_<task>``), default under ``<repo>/data``."""
-    root = Path(os.environ.get("HSRDIFF_DATA_ROOT", repo_root() / "data"))
-    return str(root / (("demo_" if demo else "") + _check_task(task)))
+_check_task = check_task  # the old private name
 
 
 _PREPARE = {

@@ -7,11 +7,13 @@ refuses its input at once does not pay for MONAI.
 
 import importlib
 
-from .items import ItemFormatError, ItemHeader, index_to_physical_matrix, load_item, read_item_header, save_item
+from monai_hsrdiff.errors import DatalistError, ItemFormatError
+
+from .items import ItemHeader, index_to_physical_matrix, load_item, read_item_header, save_item
 
 _LAZY = {
     **dict.fromkeys(
-        ("DatalistError", "check_items", "eval_transforms", "get_dataset", "load_datalist", "read_datalist", "train_transforms"),
+        ("check_items", "eval_transforms", "get_dataset", "load_datalist", "read_datalist", "train_transforms"),
         "dataset",
     ),
     **dict.fromkeys(("LoadHSRDiffItemd", "RandAnnotationd", "ScaleLabeld", "joint_augmentations", "scale_label"), "transforms"),

@@ -17,7 +17,9 @@ from typing import Any
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, DeleteItemsd
 
-from .items import ItemFormatError, read_item_header
+from monai_hsrdiff.errors import DatalistError, ItemFormatError
+
+from .items import read_item_header
 from .transforms import LoadHSRDiffItemd, RandAnnotationd, ScaleLabeld, joint_augmentations
 
 __all__ = ["DatalistError", "check_items", "eval_transforms", "get_dataset", "load_datalist", "read_datalist", "train_transforms"]
@@ -27,10 +29,6 @@ _HOW_TO_MAKE = (
     "`python -m preprocessing.lidc --dicom-root DICOM_DIR --out DIR` (LIDC-IDRI) or "
     "`python -m preprocessing.ms_lesion --root ISBI_DIR --out DIR` (ISBI-2015 MS-Lesion)"
 )
-
-
-class DatalistError(ValueError):
-    """The datalist is missing, malformed, lacks the split, or lists a missing item file."""
 
 
 def read_datalist(datalist_path: str | os.PathLike) -> dict[str, Any]:

@@ -37,15 +37,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from monai_hsrdiff.errors import ItemFormatError
 from monai_hsrdiff.utils import atomic_path
 
 __all__ = ["ITEM_KEYS", "ItemFormatError", "ItemHeader", "index_to_physical_matrix", "load_item", "read_item_header", "save_item"]
 
 ITEM_KEYS = ("image", "masks", "item_to_index", "item_to_physical", "meta")
-
-
-class ItemFormatError(ValueError):
-    """An item file is missing, truncated, or does not follow the item format."""
 
 
 def index_to_physical_matrix(origin, spacing, direction) -> np.ndarray:

@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from monai_hsrdiff.errors import fail
+from monai_hsrdiff.utils.device import device_problem
+
 __all__ = ["check_run_values"]
 
 #: keys that count something: integers >= 1 (None allowed for the ``*_max_items`` ones)
@@ -29,21 +32,6 @@ _SAMPLING = ("val_", "eval_", "")
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _device_problem(device: Any) -> str | None:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        return f"not a device ({e}); use cpu, cuda or cuda:N"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return "CUDA is not available on this machine (no GPU, or PyTorch built without CUDA); use --device cpu"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-    elif dev.type != "cpu":
-        return f"device type {dev.type!r} is not supported by this bundle; use cpu or cuda[:N]"
-    return None
 
 
 def _sampling_problems(prefix: str, values: dict[str, Any], num_train_timesteps: int) -> list[str]:
@@ -78,7 +66,7 @@ def _sampling_problems(prefix: str, values: dict[str, Any], num_train_timesteps:
 
 
 def check_run_values(network: torch.nn.Module | None = None, **values: Any) -> None:
-    """Stop (``bundle.fail``, exit code 2) when a resolved bundle value cannot work, naming every such key.
+    """Stop (``errors.fail``, exit code 2) when a resolved bundle value cannot work, naming every such key.
 
     Args:
         network: the network definition, to check ``image_size`` against its depth (each of the
@@ -95,8 +83,6 @@ def check_run_values(network: torch.nn.Module | None = None, **values: Any) -> N
         check_run_values(num_train_timesteps=250, val_sampler="ddim", val_sampling_steps=0)
         # ERROR: val_sampling_steps = 0: DDIMSampler: num_inference_steps must be an integer in [1, 250], got 0. ...
     """
-    from monai_hsrdiff.bundle import fail
-
     known = {*_COUNTS, "ckpt_every_n_iterations", "device"}
     known |= {f"{p}{k}" for p in _SAMPLING for k in ("sampler", "sampling_steps", "sampler_eta", "precision")}
     unknown = sorted(set(values) - known)
@@ -111,7 +97,7 @@ def check_run_values(network: torch.nn.Module | None = None, **values: Any) -> N
     if not _is_int(every) or every < 0:
         problems.append(f"ckpt_every_n_iterations = {every!r}: must be an integer >= 0 (0: only at epoch ends)")
     if "device" in values:
-        why = _device_problem(values["device"])
+        why = device_problem(values["device"])
         if why:
             problems.append(f"device = {str(values['device'])!r}: {why}")
     big_t = values.get("num_train_timesteps", 1000)

@@ -17,27 +17,13 @@ from monai.engines import SupervisedTrainer
 from monai.utils import convert_to_tensor
 from torch.optim import Optimizer
 
+from monai_hsrdiff.errors import own_error  # re-exported: the engines' old home of it
+
 __all__ = ["HSRDiffTrainer", "NonFiniteLossError", "own_error"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; training stops instead of stepping on garbage."""
-
-
-def own_error(exc: BaseException | None) -> BaseException | None:
-    """The outermost error of this project's own types (``monai_hsrdiff.*``) in ``exc``'s chain, or None.
-
-    Its message names the file or key at fault; the library errors around it do not: MONAI's
-    ``RuntimeError("applying transform ...")`` wraps it, and its cause (zipfile's
-    ``BadZipFile`` for a damaged item) names neither the file nor the split.
-    """
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        if type(exc).__module__.startswith("monai_hsrdiff."):
-            return exc
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 class HSRDiffTrainer(SupervisedTrainer):

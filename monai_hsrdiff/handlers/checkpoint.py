@@ -26,6 +26,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from monai_hsrdiff.errors import fail
+
 __all__ = ["AtomicCheckpointSaver", "ResumeCheckpointer", "latest_checkpoint", "require_fresh_run", "resume_from_latest"]
 
 PREFIX = "resume"
@@ -265,8 +267,6 @@ def require_fresh_run(save_dir: str | Path) -> None:
     checkpoints with the older (possibly newer-numbered) ones that a later ``--resume True``
     would pick up. The message offers the three ways on.
     """
-    from monai_hsrdiff.bundle import fail
-
     found = _candidates(Path(save_dir)) if Path(save_dir).is_dir() else []
     if found:
         raise fail(

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine
 
-from monai_hsrdiff.bundle import fail
+from monai_hsrdiff.errors import fail
 
 __all__ = ["load_checkpoint_for", "load_network_weights"]
 

@@ -1,4 +1,5 @@
 from .atomic import atomic_path, atomic_write_text, remove_interrupted_writes, replace_dir
+from .device import device_problem, resolve_device
 from .outputs import (
     MARKER_NAME,
     STAMP_KEY,
@@ -25,11 +26,13 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "check_replaceable",
+    "device_problem",
     "guard_output_path",
     "list_entries",
     "read_stamp",
     "remove_interrupted_writes",
     "replace_dir",
+    "resolve_device",
     "repo_root",
     "unexpected_entries",
     "unwritable_reason",

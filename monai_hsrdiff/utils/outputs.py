@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from monai_hsrdiff.errors import OutputFolderError  # a ValueError: every command's main reports it as one line
+from monai_hsrdiff.paths import repo_root
+
 from .atomic import atomic_write_text
 
 __all__ = [
@@ -52,23 +55,6 @@ STAMP_FORMAT = 1
 # mkdtemp(prefix=".<name>.", suffix=".partial") and replace_dir's ".<name>.*.old"
 _LEFTOVER_TAGS = (".tmp", ".partial", ".old")
 _SHOWN = 6  # unexpected entries named in a message before "..."
-
-
-class OutputFolderError(ValueError):
-    """An output folder cannot be used or replaced; the message names the folder, the entries and the fix.
-
-    A ``ValueError``, so every command's ``main`` that turns ``ValueError`` into ``error: ...``
-    reports it as one line; commands with their own error type may wrap it.
-    """
-
-
-def repo_root() -> Path:
-    """The checkout holding this package (``pyproject.toml`` beside it), else the working directory.
-
-    The same answer as ``monai_hsrdiff.bundle.repo_root``, without importing the bundle glue.
-    """
-    here = Path(__file__).resolve().parents[2]
-    return here if (here / "pyproject.toml").is_file() else Path.cwd()
 
 
 @dataclass(frozen=True)
