@@ -3,8 +3,8 @@
 Geometry is checked against independent readers (SimpleITK's DICOM series reader and NIfTI
 reader, nibabel's affine), and "where" against structures whose physical position the test
 computes itself. A deterministic predictor (sample n = bright pixels above threshold t_n)
-injected through ``infer_case`` makes positions and entropies exact; the real HSRDiff runs
-through the command line and the bundle config on the same inputs.
+in the case objects of ``inference.json`` (:func:`_infer_case`) makes positions and entropies
+exact; the real HSRDiff runs through the command line and the bundle config on the same inputs.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_dicom import write_ct_series  # noqa: E402
 from synthetic_nifti import oblique_affine  # noqa: E402
 
-from monai_hsrdiff.infer import infer_case, main  # noqa: E402
-from monai_hsrdiff.inference import InferenceInputError  # noqa: E402
+from monai_hsrdiff.export import SlicerCaseWriter  # noqa: E402
+from monai_hsrdiff.infer import main  # noqa: E402
+from monai_hsrdiff.inference import CaseReader, InferenceInputError, VolumeInferer, run_case  # noqa: E402
+from monai_hsrdiff.tasks import get_task  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -38,6 +40,13 @@ TINY = {  # a tiny demo network at 32x32: the test checkpoint and the CLI build 
 }
 
 # ------------------------------------------------------------------------- fixtures
+
+
+def _infer_case(task, input, out, image_size, num_samples=16, predictor=None, overwrite=False, log=None, **reader_options):
+    """One case through inference.json's objects (reader -> inferer -> writer) with a deterministic predictor."""
+    reader = CaseReader(get_task(task), image_size, **reader_options)
+    inferer = VolumeInferer(num_samples=num_samples, predictor=predictor)
+    return run_case(input, reader, inferer, SlicerCaseWriter(out, overwrite), log=log)
 
 
 def _rotation() -> np.ndarray:
@@ -176,8 +185,8 @@ def _centre(sl: tuple[slice, slice], k: int) -> tuple[float, float, float]:
 
 
 def test_dicom_oblique_outputs_in_source_grid_and_place(ct_dir, tmp_path):
-    out = infer_case(
-        None, None, task="lidc", input=str(ct_dir), out=tmp_path / "case", image_size=32, num_samples=4,
+    out = _infer_case(
+        task="lidc", input=str(ct_dir), out=tmp_path / "case", image_size=32, num_samples=4,
         item_spacing=0.9, predictor=_threshold_predictor([-0.5, -0.5, 0.5, 0.5]), log=None,
     )  # fmt: skip
     ref = _read_dicom_sitk(ct_dir)
@@ -209,14 +218,14 @@ def test_dicom_oblique_outputs_in_source_grid_and_place(ct_dir, tmp_path):
 
 def test_region_slices_and_mm_box_leave_zeros_outside(ct_dir, tmp_path):
     pred = _threshold_predictor([-0.5, -0.5, -0.5, -0.5])
-    out = infer_case(None, None, "lidc", str(ct_dir), tmp_path / "a", 32, num_samples=4, slices="2:4",
+    out = _infer_case("lidc", str(ct_dir), tmp_path / "a", 32, num_samples=4, slices="2:4",
                      item_spacing=0.9, predictor=pred, log=None)  # fmt: skip
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "mean_probability.nii.gz")))
     assert arr[2:4][:, BRIGHT[0], BRIGHT[1]].min() == 1.0
     assert arr[[0, 1, 4, 5]].max() == 0.0
     # a 6 mm box (physical) around the bright block's centre on slice 3: only voxels in that box
     centre = _ct_index_to_lps(_centre(BRIGHT, 3))
-    out = infer_case(None, None, "lidc", str(ct_dir), tmp_path / "b", 32, num_samples=4, center=centre,
+    out = _infer_case("lidc", str(ct_dir), tmp_path / "b", 32, num_samples=4, center=centre,
                      size=(4.0, 4.0, 1.0), region_units="mm", item_spacing=0.9, predictor=pred, log=None)  # fmt: skip
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "mean_probability.nii.gz")))
     ks, js, is_ = np.nonzero(arr)
@@ -228,7 +237,7 @@ def test_region_slices_and_mm_box_leave_zeros_outside(ct_dir, tmp_path):
 
 
 def test_nifti_oblique_axial_axis_first_lands_blob(ms_files, tmp_path):
-    out = infer_case(None, None, "ms_lesion", [str(p) for p in ms_files], tmp_path / "case", 32, num_samples=2,
+    out = _infer_case("ms_lesion", [str(p) for p in ms_files], tmp_path / "case", 32, num_samples=2,
                      predictor=_threshold_predictor([2.0, 2.0]), log=None)  # fmt: skip
     ref = sitk.ReadImage(str(ms_files[0]))
     mean = sitk.ReadImage(str(out / "mean_probability.nii.gz"))
@@ -385,7 +394,7 @@ def test_bad_dicom_inputs(ct_dir, lidc_ckpt, tmp_path, capsys):
     rc, err = _run_cli(capsys, *_cli_lidc(ckpt, tiny, [str(two)], out))
     assert rc == 2 and "--series-uid" in err and all(u in err for u in uids)
     _nothing_written(out)
-    case = infer_case(None, None, "lidc", str(two), tmp_path / "picked", 32, num_samples=1, series_uid=uids[1],
+    case = _infer_case("lidc", str(two), tmp_path / "picked", 32, num_samples=1, series_uid=uids[1],
                       predictor=_threshold_predictor([0.0]), log=None)  # fmt: skip
     assert json.loads((case / "summary.json").read_text())["source"]["series_uid"] == uids[1]
     # a non-image DICOM (a structured report: no pixel geometry)
@@ -433,8 +442,8 @@ def test_existing_results_need_overwrite(ct_dir, lidc_ckpt, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["mean_probability.nii.gz"]
     assert (out / "mean_probability.nii.gz").read_bytes() == b"old"
     with pytest.raises(InferenceInputError, match="already holds results"):
-        infer_case(None, None, "lidc", str(ct_dir), out, 32, predictor=_threshold_predictor([0.0]), log=None)
-    infer_case(None, None, "lidc", str(ct_dir), out, 32, num_samples=1, slices=(0, 1), overwrite=True,
+        _infer_case("lidc", str(ct_dir), out, 32, predictor=_threshold_predictor([0.0]), log=None)
+    _infer_case("lidc", str(ct_dir), out, 32, num_samples=1, slices=(0, 1), overwrite=True,
                predictor=_threshold_predictor([0.0]), log=None)  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["mean_probability.nii.gz", "entropy.nii.gz", "samples.seg.nrrd", "consensus.seg.nrrd", "summary.json"]

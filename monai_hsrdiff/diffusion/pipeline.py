@@ -93,6 +93,12 @@ class HSRDiffPipeline:
         self.autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         self.max_batch_size = _check_max_batch_size(max_batch_size)
 
+    @property
+    def precision(self) -> str:
+        """The name of ``autocast_dtype``, as bundle configs give it: "float32", "bfloat16" or "float16"."""
+        names = {dtype: name for name, dtype in PRECISIONS.items()}
+        return names.get(self.autocast_dtype, str(self.autocast_dtype).replace("torch.", ""))
+
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()

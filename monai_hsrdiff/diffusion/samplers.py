@@ -95,6 +95,8 @@ class DDPMSampler(_Sampler):
             x = sampler.step(model(x, t.repeat(b), condition_features=f), t, x, generator=g).prev_sample
     """
 
+    name = "ddpm"
+
     def __init__(
         self,
         process: SelfRegulatedDiffusion | None = None,
@@ -106,6 +108,11 @@ class DDPMSampler(_Sampler):
             raise ValueError(f"DDPMSampler: variance must be 'posterior' or 'beta', got {variance!r}.")
         self.variance = variance
         self.clip_x0 = self.process.clip_x0 if clip_x0 is None else bool(clip_x0)
+
+    @property
+    def settings(self) -> dict[str, str | int | float | None]:
+        """What a user chose, for ``summary.json``: DDPM has no step count and no η to choose."""
+        return {"sampler": self.name, "num_inference_steps": None, "eta": None}
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: torch.device | str | None = None) -> None:
         """Use every training step T-1, ..., 0 (ancestral DDPM cannot skip steps; use :class:`DDIMSampler`).
@@ -173,6 +180,8 @@ class DDIMSampler(_Sampler):
         sampler.set_timesteps(10)           # 10 for this run; sampler.num_inference_steps stays 50
     """
 
+    name = "ddim"
+
     def __init__(
         self,
         process: SelfRegulatedDiffusion | None = None,
@@ -192,6 +201,11 @@ class DDIMSampler(_Sampler):
         self.timestep_spacing = timestep_spacing
         self.clip_x0 = self.process.clip_x0 if clip_x0 is None else bool(clip_x0)
         self._prev: dict[int, int] = {}
+
+    @property
+    def settings(self) -> dict[str, str | int | float | None]:
+        """What a user chose, for ``summary.json``: ``{"sampler": "ddim", "num_inference_steps": S, "eta": η}``."""
+        return {"sampler": self.name, "num_inference_steps": self.num_inference_steps, "eta": self.eta}
 
     def _check_steps(self, s: int) -> int:
         big_t = self.num_train_timesteps

@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
-from .slicer import CASE_FILES, CASE_LAYOUT, check_output_folder, sample_colors, write_case, write_segmentation, write_volume
+from .slicer import (
+    CASE_FILES,
+    CASE_LAYOUT,
+    SlicerCaseWriter,
+    check_output_folder,
+    sample_colors,
+    write_case,
+    write_segmentation,
+    write_volume,
+)
 
-__all__ = ["CASE_FILES", "CASE_LAYOUT", "check_output_folder", "sample_colors", "write_case", "write_segmentation", "write_volume"]
+__all__ = [
+    "CASE_FILES",
+    "CASE_LAYOUT",
+    "SlicerCaseWriter",
+    "check_output_folder",
+    "sample_colors",
+    "write_case",
+    "write_segmentation",
+    "write_volume",
+]

@@ -5,8 +5,8 @@ synthetic slices), so this writes a small SYNTHETIC volume from one demo item â€
 slice repeated ``num_slices`` times, LIDC back in Hounsfield units, MS-Lesion as 4 positive
 MRI-like volumes â€” as NIfTI (file names start with ``SYNTHETIC_``, the NIfTI ``descrip`` says
 SYNTHETIC, and ``summary.json`` has ``"synthetic": true``), and runs the same inference as a
-real scan (:func:`monai_hsrdiff.infer.infer`, bundle ``train.json`` + ``inference.json`` +
-``demo.json``) on it.
+real scan (the bundle's ``inference``: ``train.json`` + ``inference.json`` + ``demo.json``,
+:func:`monai_hsrdiff.inference.run_bundle_inference`) on it.
 
 ``python -m monai_hsrdiff.export.demo_case --task lidc`` (after demo training) prints the
 folder to open in 3D Slicer: ``<run_dir>/inference/SYNTHETIC_<item>``, with the source volume
@@ -101,10 +101,11 @@ def demo_case(
         num_slices: slices of the synthetic source volume.
         configs: further override files after ``demo.json`` (as used for training).
     """
-    from monai_hsrdiff.bundle import bundle_root, default_dataset_dir, default_run_dir, require_datalist
+    from monai_hsrdiff.bundle import require_datalist
     from monai_hsrdiff.data import load_datalist
     from monai_hsrdiff.export.slicer import check_output_folder
-    from monai_hsrdiff.infer import infer
+    from monai_hsrdiff.inference.inferer import run_bundle_inference
+    from monai_hsrdiff.paths import bundle_root, default_dataset_dir, default_run_dir
 
     if item is None:
         dataset_dir = dataset_dir or default_dataset_dir(task, demo=True)
@@ -120,20 +121,15 @@ def demo_case(
     # checkpoint), so a refused export leaves the run folder as it was
     created = [p for p in (source_dir, *source_dir.parents) if not p.exists()]
     try:
-        files = write_demo_source(item, source_dir, num_slices)
+        sources = write_demo_source(item, source_dir, num_slices)
         bundle = Path(bundle_root(task))
-        return infer(
-            bundle,
-            [str(f) for f in files] if len(files) > 1 else str(files[0]),
-            out=out,
-            checkpoint=checkpoint,
-            configs=[bundle / "demo.json", *configs],
-            num_samples=num_samples,
-            sampler="ddim",
-            steps=steps,
-            overwrite=overwrite,
-            seed=seed,
-        )
+        config_files = [bundle / "train.json", bundle / "inference.json", bundle / "demo.json", *[Path(c) for c in configs]]
+        keys = {"input": [str(f) for f in sources] if len(sources) > 1 else str(sources[0]), "output_dir": str(out),
+                "num_samples": num_samples, "sampler": "ddim", "sampling_steps": steps, "overwrite": bool(overwrite),
+                "seed": seed}  # fmt: skip
+        if checkpoint is not None:
+            keys["checkpoint"] = str(checkpoint)
+        return run_bundle_inference(config_files, keys)
     except BaseException:
         if created:
             shutil.rmtree(created[-1], ignore_errors=True)
@@ -141,8 +137,7 @@ def demo_case(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from monai_hsrdiff.bundle import BundleError
-    from monai_hsrdiff.inference import InferenceInputError
+    from monai_hsrdiff.errors import BundleError, InferenceInputError
 
     p = argparse.ArgumentParser(prog="python -m monai_hsrdiff.export.demo_case", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=("lidc", "ms_lesion"), default="lidc")

@@ -37,6 +37,7 @@ import numpy as np
 
 from monai_hsrdiff.utils import (
     OutputFolderError,
+    remove_interrupted_writes,
     OutputLayout,
     STAMP_KEY,
     check_replaceable,
@@ -49,7 +50,16 @@ from monai_hsrdiff.utils import (
 from monai_hsrdiff.inference.source import InferenceInputError, SourceVolume
 from monai_hsrdiff.inference.volume import VolumePrediction
 
-__all__ = ["CASE_FILES", "CASE_LAYOUT", "check_output_folder", "sample_colors", "write_case", "write_segmentation", "write_volume"]
+__all__ = [
+    "CASE_FILES",
+    "CASE_LAYOUT",
+    "SlicerCaseWriter",
+    "check_output_folder",
+    "sample_colors",
+    "write_case",
+    "write_segmentation",
+    "write_volume",
+]
 
 CASE_FILES = ("mean_probability.nii.gz", "entropy.nii.gz", "samples.seg.nrrd", "consensus.seg.nrrd", "summary.json")
 # what --overwrite may replace: a folder stamped by summary.json, or (cases of earlier releases,
@@ -203,3 +213,34 @@ def write_case(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+class SlicerCaseWriter:
+    """The writer of ``inference.json``: one case folder for 3D Slicer (:func:`write_case`).
+
+    Args:
+        output_dir: the case folder (``--out``).
+        overwrite: replace an earlier case of this command there (only that; see :func:`check_output_folder`).
+
+    Example::
+
+        writer = SlicerCaseWriter("runs/lidc/inference/case1")
+        writer.prepare(inputs=["/data/case1/"])      # refuses a bad folder before any work
+        writer(prediction, source, summary={"seed": 0})
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+        self.output_dir = Path(output_dir)
+        self.overwrite = bool(overwrite)
+
+    def prepare(self, inputs: Sequence[str | os.PathLike] = (), log=None) -> Path:
+        """Check the folder (:func:`check_output_folder`; a link is written through, so ``output_dir``
+        becomes its target) and remove what a killed earlier write left beside it."""
+        self.output_dir = check_output_folder(self.output_dir, self.overwrite, inputs)
+        # a killed earlier write leaves the case under .<name>.*.partial and a replaced one under .old
+        remove_interrupted_writes(self.output_dir, ("partial", "old"), log or (lambda _m: None))
+        return self.output_dir
+
+    def __call__(self, prediction: VolumePrediction, source: SourceVolume, summary: dict[str, Any] | None = None) -> Path:
+        """Write the case (:func:`write_case`); return the folder."""
+        return write_case(self.output_dir, prediction, source, summary, self.overwrite)

@@ -6,15 +6,18 @@ preprocessing) is defined in ``monai_hsrdiff.tasks``, which builds on this packa
 
 from __future__ import annotations
 
+from .inferer import CaseReader, VolumeInferer, run_bundle_inference, run_case
 from .source import InferenceInputError, SliceAxes, SourceVolume, find_modalities, read_dicom_source, read_nifti_source
 from .volume import Region, SlicePreprocessing, VolumePrediction, predict_volume, resample_plane, resize_plane
 
 __all__ = [
+    "CaseReader",
     "InferenceInputError",
     "Region",
     "SliceAxes",
     "SlicePreprocessing",
     "SourceVolume",
+    "VolumeInferer",
     "VolumePrediction",
     "find_modalities",
     "predict_volume",
@@ -22,4 +25,6 @@ __all__ = [
     "read_nifti_source",
     "resample_plane",
     "resize_plane",
+    "run_bundle_inference",
+    "run_case",
 ]
