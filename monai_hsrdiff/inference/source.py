@@ -116,7 +116,7 @@ def read_dicom_source(
 
         src = read_dicom_source("/data/case1/", modality="CT")   # an MR series is refused
     """
-    from monai_hsrdiff.io.dicom import DicomIndex
+    from monai_hsrdiff.io.dicom_index import DicomIndex
 
     folder = Path(folder)
     if not folder.is_dir():
