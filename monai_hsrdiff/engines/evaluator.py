@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedEvaluator
 from monai.utils import convert_to_tensor
 
-from monai_hsrdiff.diffusion.pipeline import HSRDiffPipeline, resolve_autocast_dtype
+from monai_hsrdiff.diffusion.pipeline import HSRDiffPipeline
 from monai_hsrdiff.engines.trainer import own_error
 from monai_hsrdiff.metrics import entropy_map
 
@@ -44,22 +45,27 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         val_data_loader: yields dicts with ``image`` (B, C, H, W) and ``masks`` (B, A, H, W),
             ALL annotations of each item, {0, 1} (or class labels when M > 1).
         network: the trained network (unwrapped, or an EMA copy).
-        sampler: a sampler from :mod:`monai_hsrdiff.diffusion` (DDPM or strided DDIM).
-        num_inference_steps: sampler steps (None: all T; DDPM always uses all T).
+        pipeline: how to sample: an :class:`~monai_hsrdiff.diffusion.HSRDiffPipeline` over
+            ``network`` (its sampler with steps and eta, precision, chunking); the bundles'
+            ``validate#pipeline``.
         num_samples: N samples per image (the metrics' subscript; 32 covers N=16 and N=32).
         seed: seeds the sampling noise at the start of every evaluation run, so repeated
             evaluations of one checkpoint give identical numbers.
-        max_batch: the pipeline's ``max_batch_size`` (items per network call; speed only, the
-            samples do not depend on it): ``"auto"`` (small chunks on CPU, all on GPU), an int, or None.
-        autocast_dtype: sample under ``torch.autocast`` with this dtype ("bfloat16" on CPUs with
-            bf16 units, "float16" on GPUs); ``None``/"float32": full precision (HSRDiffPipeline).
         progress: a tqdm bar per batch of images.
+        sampler, num_inference_steps, max_batch, autocast_dtype: deprecated, instead of
+            ``pipeline``: the evaluator builds ``HSRDiffPipeline(network, sampler, autocast_dtype,
+            max_batch)`` and samples ``num_inference_steps`` steps (``None``: the sampler's own).
         kwargs: passed to ``SupervisedEvaluator`` (key_val_metric, additional_metrics, val_handlers, ...).
 
     The engine output per iteration holds ``pred`` (B, N, H, W) masks, ``label`` (B, A, H, W)
     masks, ``mean`` (B, H, W) sample mean, ``entropy`` (B, H, W) in bits, and ``image``. The
     mean κ per sampling timestep, over the whole run, is in ``engine.state.kappa_trace``
     (dict timestep -> mean κ), for the paper's Figure 6.
+
+    Example::
+
+        pipeline = HSRDiffPipeline(net, get_sampler("ddim", process, eta=1.0, num_inference_steps=50))
+        evaluator = HSRDiffEvaluator("cpu", loader, net, pipeline, num_samples=16, key_val_metric=...)
     """
 
     def __init__(
@@ -67,14 +73,15 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         device: str | torch.device,
         val_data_loader,
         network: torch.nn.Module,
-        sampler: Any,
-        num_inference_steps: int | None = None,
+        pipeline: HSRDiffPipeline | None = None,
         num_samples: int = 16,
         seed: int = 0,
-        max_batch: int | str | None = "auto",
-        autocast_dtype: torch.dtype | str | None = None,
         progress: bool = False,
         val_handlers: Sequence | None = None,
+        sampler: Any = None,
+        num_inference_steps: int | None = None,
+        max_batch: int | str | None = "auto",
+        autocast_dtype: torch.dtype | str | None = None,
         **kwargs: Any,
     ) -> None:
         if num_samples < 1:
@@ -86,6 +93,36 @@ class HSRDiffEvaluator(SupervisedEvaluator):
                     f"HSRDiffEvaluator: metric {name!r} scores {needed} samples per image but num_samples={num_samples}; "
                     f"draw at least {needed} samples (N={needed} metrics use the first {needed} of them)"
                 )
+        bare = getattr(network, "module", network)
+        legacy = {k: v for k, v in {"sampler": sampler, "num_inference_steps": num_inference_steps,
+                                    "autocast_dtype": autocast_dtype}.items() if v is not None}  # fmt: skip
+        if max_batch != "auto":
+            legacy["max_batch"] = max_batch
+        if legacy:  # the deprecated arguments: a pipeline built from them (over pipeline=, when given)
+            warnings.warn(
+                f"HSRDiffEvaluator: {', '.join(f'{k}=' for k in legacy)} deprecated: set the sampler (with its "
+                "num_inference_steps), autocast_dtype and max_batch_size on pipeline=HSRDiffPipeline(...) "
+                "(the bundles' validate#sampler and validate#pipeline)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if pipeline is None and sampler is None:
+                raise ValueError("HSRDiffEvaluator: give pipeline=HSRDiffPipeline(network, sampler, ...)")
+            base = pipeline
+            pipeline = HSRDiffPipeline(
+                bare if base is None else base.model,
+                sampler if sampler is not None else base.sampler,
+                autocast_dtype if autocast_dtype is not None or base is None else base.autocast_dtype,
+                max_batch if max_batch != "auto" or base is None else base.max_batch_size,
+            )
+        elif pipeline is None:
+            raise ValueError("HSRDiffEvaluator: give pipeline=HSRDiffPipeline(network, sampler, ...)")
+        if getattr(pipeline.model, "module", pipeline.model) is not bare:
+            raise ValueError(
+                "HSRDiffEvaluator: pipeline.model is not the evaluator's network; give both the same network "
+                "(bundles: validate#pipeline#model and validate#evaluator#network)"
+            )
+        self._steps = num_inference_steps  # a per-call step count: only from the deprecated argument
         super().__init__(
             device=torch.device(device),
             val_data_loader=val_data_loader,
@@ -94,12 +131,9 @@ class HSRDiffEvaluator(SupervisedEvaluator):
             decollate=False,
             **kwargs,
         )
-        self.sampler = sampler
-        self.num_inference_steps = num_inference_steps
+        self.pipeline = pipeline
         self.num_samples = int(num_samples)
         self.seed = int(seed)
-        self.max_batch = max_batch
-        self.autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         self.progress = progress
         self._generator: torch.Generator | None = None
         self.add_event_handler(Events.STARTED, self._reset)
@@ -124,14 +158,11 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         # plain tensors: MetaTensor's __torch_function__ would wrap every op of the sampling loop
         image = convert_to_tensor(batchdata["image"], track_meta=False).to(engine.state.device)
         masks = convert_to_tensor(batchdata["masks"], track_meta=False).to(engine.state.device)
-        network = getattr(engine.network, "module", engine.network)
-        network.eval()
         with torch.inference_mode():
-            out = HSRDiffPipeline(network, self.sampler, autocast_dtype=self.autocast_dtype)(
+            out = self.pipeline(
                 image,
                 num_samples=self.num_samples,
-                num_inference_steps=self.num_inference_steps,
-                max_batch_size=self.max_batch,
+                num_inference_steps=self._steps,
                 generator=self._generator,
                 progress=self.progress,
             )
