@@ -78,8 +78,8 @@ def load_datalist(datalist_path: str | os.PathLike, split: str = "training", che
     if not entries:
         sizes = {s: len(doc[s]) for s in splits}
         raise DatalistError(
-            f"split {split!r} of datalist {path} is empty (split sizes: {sizes}); with few patients, "
-            "re-run the preprocessing with other --split-ratios or more patients"
+            f"datalist {path}: split {split!r} is missing or empty (it is empty; split sizes: {sizes}); with few "
+            "patients, re-run the preprocessing with other --split-ratios or more patients"
         )
     base = path.parent.resolve()
     out = []
@@ -89,12 +89,14 @@ def load_datalist(datalist_path: str | os.PathLike, split: str = "training", che
         e = dict(e)
         item = Path(e["item"])
         e["item"] = str(item if item.is_absolute() else base / item)
-        if check_files and not Path(e["item"]).is_file():
-            raise DatalistError(
-                f"datalist {path}, split {split!r}: item file {e['item']} is missing; "
-                "re-run the preprocessing command (it resumes and rewrites missing patients)"
-            )
         out.append(e)
+    missing = [e["item"] for e in out if check_files and not Path(e["item"]).is_file()]
+    if missing:
+        more = f", and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DatalistError(
+            f"datalist {path}: {len(missing)} item file(s) of split {split!r} are missing (item file {missing[0]} "
+            f"is missing{more}); re-run the preprocessing command (it resumes and rewrites missing patients)"
+        )
     return out
 
 
