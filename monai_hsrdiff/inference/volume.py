@@ -366,26 +366,3 @@ def predict_volume(
     samples = np.ascontiguousarray(axes.from_plane(out_planes))
     total = time.perf_counter() - t0
     return VolumePrediction(samples, region, {"model_s": t_model, "predict_total_s": total})
-
-
-# ------------------------------------------------------------ transitional (issue 13)
-# The task's own preprocessing is ``monai_hsrdiff.tasks.get_task(task).slice_preprocessing``.
-# These two stay only until monai_hsrdiff.infer calls it; they are removed then (inference
-# must not import tasks: tasks builds on inference).
-
-
-def lidc_preprocessing(image_size: int, item_spacing: float | None = None, hu_window: Sequence[float] | None = None) -> SlicePreprocessing:
-    """Deprecated: ``get_task("lidc").slice_preprocessing(image_size, item_spacing)``."""
-    from dataclasses import replace
-
-    from monai_hsrdiff.tasks import get_task
-
-    pp = get_task("lidc").slice_preprocessing(image_size, item_spacing)
-    return pp if hu_window is None else replace(pp, hu_window=tuple(float(v) for v in hu_window))
-
-
-def ms_lesion_preprocessing(image_size: int) -> SlicePreprocessing:
-    """Deprecated: ``get_task("ms_lesion").slice_preprocessing(image_size)``."""
-    from monai_hsrdiff.tasks import get_task
-
-    return get_task("ms_lesion").slice_preprocessing(image_size)
