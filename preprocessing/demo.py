@@ -56,7 +56,7 @@ from monai_hsrdiff.utils import (
 )
 from monai_hsrdiff.data.items import index_to_physical_matrix, save_item
 from monai_hsrdiff.tasks import get_task
-from monai_hsrdiff.tasks.lidc import LIDC_HU_WINDOW, hu_to_unit  # the LIDC task's window, as preprocessing.lidc
+from monai_hsrdiff.tasks.lidc import LIDC_HU_WINDOW, MAX_READERS, hu_to_unit  # the LIDC task's, as preprocessing.lidc
 
 from .synthetic import synth_ct, synth_ms_slice
 
@@ -74,7 +74,6 @@ __all__ = [
     "synth_ms_slice",
 ]
 
-MAX_READERS = 4
 SYNTHETIC_BANNER = "SYNTHETIC images: demo data for trying the pipeline, not for reporting results"
 
 
@@ -359,7 +358,7 @@ def build_demo(
             name=f"{task}_demo",
             synthetic=True,
             description=description,
-            extra={"task": task, "channels": channels, "num_annotations": MAX_READERS if task == "lidc" else 2, "seed": seed, "image_size": size,
+            extra={"task": task, "channels": channels, "num_annotations": get_task(task).num_annotations, "seed": seed, "image_size": size,
                    STAMP_KEY: DEMO_LAYOUT.stamp()},
         )
         replace_dir(tmp, out)

@@ -42,7 +42,7 @@ from scipy import ndimage
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.errors import HSRDiffInputError
 from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
-from monai_hsrdiff.tasks.lidc import AIR_HU, LIDC_HU_WINDOW, LIDC_ITEM_SPACING, hu_to_unit
+from monai_hsrdiff.tasks.lidc import AIR_HU, LIDC_HU_WINDOW, LIDC_ITEM_SPACING, MAX_READERS, hu_to_unit
 from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, remove_interrupted_writes, replace_dir
 from preprocessing.common import (
     RunSummary,
@@ -57,7 +57,6 @@ from preprocessing.pylidc_compat import import_pylidc
 
 __all__ = ["AIR_HU", "LAYOUT", "LidcOptions", "LidcPreparationError", "main", "nodule_items", "prepare_lidc", "prepare_patient"]
 
-MAX_READERS = 4
 MANIFEST = "manifest.json"
 PATIENT_FOLDER = r"LIDC-IDRI-\d{4}"
 # What this converter writes into --out, and how its output of a release before stamps is recognised.

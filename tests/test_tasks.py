@@ -164,3 +164,17 @@ def test_layers_below_preprocessing(package):
         assert not [m for m in mods if m.split(".")[0] == "preprocessing"], path
         if package != "tasks":
             assert not [m for m in mods if m.startswith("monai_hsrdiff.tasks")], path
+
+
+def test_ms_folder_input_uses_the_task_file_tokens(tmp_path):
+    """A folder is searched with the task's tokens: *_T1w.nii.gz is the MPRAGE; plain names are exact."""
+    from monai_hsrdiff.inference import find_modalities
+
+    vol = np.random.default_rng(1).random((4, 4, 3)).astype(np.float32) + 1.0
+    for token in ("FLAIR", "T1w", "pd", "t2"):
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / f"case_{token}.nii.gz")
+    source = get_task("ms_lesion").read_source(tmp_path)
+    assert source.channel_names == ("flair", "mprage", "pd", "t2")
+    assert Path(source.info["files"]["mprage"]).name == "case_T1w.nii.gz"
+    with pytest.raises(InferenceInputError, match=r"missing MPRAGE: no file named like \*_mprage\*"):
+        find_modalities(tmp_path, ("flair", "mprage"))  # no task tokens: the channel's own name

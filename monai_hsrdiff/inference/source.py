@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,7 @@ def read_dicom_source(
     series_uid: str | None = None,
     modality: str | None = None,
     allow_modality_mismatch: bool = False,
+    channel_names: Sequence[str] = ("CT",),
 ) -> SourceVolume:
     """Read the CT series under ``folder`` (searched recursively) in Hounsfield units.
 
@@ -104,6 +105,7 @@ def read_dicom_source(
         modality: the DICOM ``Modality`` the model was trained on (e.g. ``"CT"``, from the
             bundle's ``metadata.json``); ``None`` does not check it.
         allow_modality_mismatch: read a series of another modality anyway (with a warning).
+        channel_names: the name of the one channel (the task's).
 
     Raises:
         InferenceInputError: not a folder; no DICOM file in it; several series and no
@@ -153,7 +155,7 @@ def read_dicom_source(
         data=np.ascontiguousarray(hu.transpose(2, 1, 0))[None].astype(np.float32),
         index_to_physical=g.index_to_physical(),
         axes=DICOM_AXES,
-        channel_names=("CT",),
+        channel_names=tuple(channel_names),
         files=[str(series.folder)],
         info={"format": "DICOM", "series_uid": series_uid, "study_uid": series.study_uid, "folder": str(series.folder),
               "num_files": len(series), "modality": series.headers[0].modality},  # fmt: skip
@@ -180,22 +182,18 @@ def _check_modality(headers: Sequence, expected: str, allow: bool) -> None:
 
 # ----------------------------------------------------------------------------- NIfTI
 
-_MODALITY_PATTERNS = {
-    "flair": r"flair",
-    "mprage": r"mprage|t1w?",
-    "pd": r"pd|pdw",
-    "t2": r"t2w?",
-}
-
-
 def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def find_modalities(folder: str | os.PathLike, modalities: Sequence[str]) -> list[Path]:
+def find_modalities(
+    folder: str | os.PathLike, modalities: Sequence[str], name_patterns: Mapping[str, str] | None = None
+) -> list[Path]:
     """Find one NIfTI file per modality in ``folder`` by a name token (``*_flair_*``, ``*_t2.nii``, ...).
 
-    A token is delimited by ``_ - .`` or the name's ends; ``mprage`` also matches ``t1``/``t1w``.
+    A token is delimited by ``_ - .`` or the name's ends. ``name_patterns`` gives a modality's
+    token as a regular expression (the task's, e.g. ``{"mprage": "mprage|t1w?"}``); a modality
+    without one is matched by its own name.
 
     Raises:
         InferenceInputError: a modality has no file or several files (names them all).
@@ -204,7 +202,8 @@ def find_modalities(folder: str | os.PathLike, modalities: Sequence[str]) -> lis
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p))
     found, problems = [], []
     for mod in modalities:
-        pat = re.compile(rf"(^|[_\-.])({_MODALITY_PATTERNS.get(mod, re.escape(mod))})([_\-.]|$)", re.IGNORECASE)
+        token = (name_patterns or {}).get(mod, re.escape(mod))
+        pat = re.compile(rf"(^|[_\-.])({token})([_\-.]|$)", re.IGNORECASE)
         hits = [p for p in files if pat.search(p.name.split(".nii")[0] + ".")]
         if len(hits) == 1:
             found.append(hits[0])
@@ -259,6 +258,7 @@ def read_nifti_source(
     paths: Sequence[str | os.PathLike],
     channel_names: Sequence[str] = ("image",),
     atol: float = 1e-3,
+    name_patterns: Mapping[str, str] | None = None,
 ) -> SourceVolume:
     """Read one 3D NIfTI volume per channel; all must share one voxel grid.
 
@@ -267,6 +267,7 @@ def read_nifti_source(
             :func:`find_modalities` for ``channel_names``.
         channel_names: channel (modality) names, e.g. ``get_task("ms_lesion").channels``.
         atol: tolerance on the affines (mm).
+        name_patterns: file-name tokens per channel for a folder (:func:`find_modalities`).
 
     Raises:
         InferenceInputError: wrong number of files, a missing modality, a file that is not a
@@ -275,7 +276,7 @@ def read_nifti_source(
 
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and paths[0].is_dir():
-        paths = find_modalities(paths[0], channel_names)
+        paths = find_modalities(paths[0], channel_names, name_patterns)
     if len(paths) != len(channel_names):
         raise InferenceInputError(
             f"--input: {len(paths)} file(s) given ({', '.join(p.name for p in paths)}) but the model needs "

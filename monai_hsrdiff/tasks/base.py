@@ -18,7 +18,8 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Literal
 
 from monai_hsrdiff.errors import InferenceInputError
@@ -53,6 +54,9 @@ class Task:
         item_spacing: in-plane item spacing in mm; ``None``: native pixels (a resize).
         hu_window: CT: ``(low, high)`` HU mapped to [-1, 1]; ``None`` otherwise.
         background: model-input value outside the scan.
+        num_annotations: masks per item (LIDC: 4 readers; MS-Lesion: 2 raters).
+        file_patterns: per channel, the file-name token (a regular expression) that finds its
+            NIfTI file in an input folder; a channel without one is found by its name.
         prepare_command: the command that prepares the real data set, ``{out}`` = its folder.
         preprocessing_class: the :class:`SlicePreprocessing` (sub)class inference uses.
     """
@@ -63,6 +67,8 @@ class Task:
     item_spacing: float | None = None
     hu_window: tuple[float, float] | None = None
     background: float = 0.0
+    num_annotations: int = 1
+    file_patterns: Mapping[str, str] = MappingProxyType({})
     prepare_command: str = ""
     preprocessing_class: type[SlicePreprocessing] = SlicePreprocessing
 
@@ -96,7 +102,7 @@ class Task:
         self, paths: list[str], series_uid: str | None, modality: str | None, allow_modality_mismatch: bool
     ) -> SourceVolume:
         """The default input: one NIfTI volume per channel, in :attr:`channels` order, or their folder."""
-        return read_nifti_source(paths, channel_names=self.channels)
+        return read_nifti_source(paths, channel_names=self.channels, name_patterns=self.file_patterns)
 
     def slice_preprocessing(
         self, image_size: int, item_spacing: float | None | Literal["default"] = "default"

@@ -17,15 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from monai_hsrdiff.errors import InferenceInputError
-from monai_hsrdiff.inference.source import SourceVolume, is_nifti, read_dicom_source, read_nifti_source
+from monai_hsrdiff.inference.source import SourceVolume, is_nifti, read_dicom_source
 from monai_hsrdiff.inference.volume import SlicePreprocessing, resample_plane
 from monai_hsrdiff.tasks.base import Task, register_task
 
-__all__ = ["AIR_HU", "LIDC", "LIDC_HU_WINDOW", "LIDC_ITEM_SPACING", "LidcSlicePreprocessing", "LidcTask", "hu_to_unit"]
+__all__ = ["AIR_HU", "LIDC", "LIDC_HU_WINDOW", "LIDC_ITEM_SPACING", "MAX_READERS", "LidcSlicePreprocessing", "LidcTask", "hu_to_unit"]
 
 LIDC_HU_WINDOW = (-1000.0, 400.0)  # HU mapped to [-1, 1], clipped
 LIDC_ITEM_SPACING = 0.5  # mm in-plane, as the Probabilistic U-Net's LIDC crops
 AIR_HU = -1000.0  # outside the scan
+MAX_READERS = 4  # LIDC-IDRI: up to 4 readers per nodule, one mask each (empty where a reader did not mark it)
 
 
 def hu_to_unit(hu: np.ndarray, window: tuple[float, float] = LIDC_HU_WINDOW) -> np.ndarray:
@@ -52,15 +53,16 @@ class LidcTask(Task):
     item_spacing = LIDC_ITEM_SPACING
     hu_window = LIDC_HU_WINDOW
     background = -1.0
+    num_annotations = MAX_READERS
     prepare_command = "python -m preprocessing.lidc --dicom-root /path/to/LIDC-IDRI --out {out}"
     preprocessing_class = LidcSlicePreprocessing
 
     def _read_paths(self, paths, series_uid, modality, allow_modality_mismatch) -> SourceVolume:
         if len(paths) == 1 and is_nifti(paths[0]):
-            return read_nifti_source(paths, channel_names=self.channels)
+            return super()._read_paths(paths, series_uid, modality, allow_modality_mismatch)
         if len(paths) != 1:
             raise InferenceInputError(f"--input: LIDC takes one DICOM series folder (or one NIfTI CT volume), got {len(paths)} paths")
-        return read_dicom_source(paths[0], series_uid, modality, allow_modality_mismatch)
+        return read_dicom_source(paths[0], series_uid, modality, allow_modality_mismatch, channel_names=self.channels)
 
 
 LIDC = register_task(LidcTask())

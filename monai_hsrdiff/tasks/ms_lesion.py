@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
 
 from monai_hsrdiff.errors import HSRDiffInputError, InferenceInputError
-from monai_hsrdiff.inference.source import SourceVolume, is_nifti, read_nifti_source
+from monai_hsrdiff.inference.source import SourceVolume, is_nifti
 from monai_hsrdiff.inference.volume import SlicePreprocessing, resize_plane
 from monai_hsrdiff.tasks.base import Task, register_task
 
@@ -113,6 +114,9 @@ class MSLesionTask(Task):
     item_spacing = None
     hu_window = None
     background = 0.0
+    num_annotations = len(RATERS)
+    # tokens of the modalities' file names in an input folder (*_t1w.nii is the MPRAGE)
+    file_patterns = MappingProxyType({"flair": r"flair", "mprage": r"mprage|t1w?", "pd": r"pd|pdw", "t2": r"t2w?"})
     prepare_command = "python -m preprocessing.ms_lesion --root /path/to/ISBI2015 --out {out}"
     preprocessing_class = MSLesionSlicePreprocessing
 
@@ -122,7 +126,7 @@ class MSLesionTask(Task):
                 f"--input {paths[0]}: MS-Lesion needs the 4 NIfTI volumes {', '.join(m.upper() for m in MODALITIES)} "
                 "(4 files in that order, or a folder holding them)"
             )
-        return read_nifti_source(paths, channel_names=self.channels)
+        return super()._read_paths(paths, series_uid, modality, allow_modality_mismatch)
 
     def slice_preprocessing(
         self, image_size: int, item_spacing: float | None | Literal["default"] = "default"
