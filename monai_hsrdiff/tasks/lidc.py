@@ -39,7 +39,9 @@ def hu_to_unit(hu: np.ndarray, window: tuple[float, float] = LIDC_HU_WINDOW) -> 
 class LidcSlicePreprocessing(SlicePreprocessing):
     """HU resampled in-plane to ``item_spacing`` (linear, air outside the scan), then ``hu_window`` -> [-1, 1]."""
 
-    def plane_to_input(self, plane, spacing_rc, box):
+    def plane_to_input(
+        self, plane: np.ndarray, spacing_rc: tuple[float, float], box: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img, scale, offset = resample_plane(plane, spacing_rc, box, self.image_size, self.item_spacing, cval=AIR_HU)
         return hu_to_unit(img, self.hu_window), scale, offset
 
@@ -57,7 +59,9 @@ class LidcTask(Task):
     prepare_command = "python -m preprocessing.lidc --dicom-root /path/to/LIDC-IDRI --out {out}"
     preprocessing_class = LidcSlicePreprocessing
 
-    def _read_paths(self, paths, series_uid, modality, allow_modality_mismatch) -> SourceVolume:
+    def _read_paths(
+        self, paths: list[str], series_uid: str | None, modality: str | None, allow_modality_mismatch: bool
+    ) -> SourceVolume:
         if len(paths) == 1 and is_nifti(paths[0]):
             return super()._read_paths(paths, series_uid, modality, allow_modality_mismatch)
         if len(paths) != 1:

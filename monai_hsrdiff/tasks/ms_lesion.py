@@ -98,11 +98,13 @@ def zscore_volume(data: np.ndarray, names: Sequence[str] | None = None) -> np.nd
 class MSLesionSlicePreprocessing(SlicePreprocessing):
     """The volume z-scored over the brain; each whole slice resized to ``image_size`` (bilinear, anti-aliased)."""
 
-    def normalize_volume(self, data, names=None):
+    def normalize_volume(self, data: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
         return zscore_volume(data, names)
 
-    def plane_to_input(self, plane, spacing_rc=None, box=None):
-        return resize_plane(plane, self.image_size)
+    def plane_to_input(
+        self, plane: np.ndarray, spacing_rc: tuple[float, float] | None = None, box: tuple[int, int, int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return resize_plane(plane, self.image_size)  # the whole slice: spacing and box do not matter
 
 
 class MSLesionTask(Task):
@@ -120,7 +122,9 @@ class MSLesionTask(Task):
     prepare_command = "python -m preprocessing.ms_lesion --root /path/to/ISBI2015 --out {out}"
     preprocessing_class = MSLesionSlicePreprocessing
 
-    def _read_paths(self, paths, series_uid, modality, allow_modality_mismatch) -> SourceVolume:
+    def _read_paths(
+        self, paths: list[str], series_uid: str | None, modality: str | None, allow_modality_mismatch: bool
+    ) -> SourceVolume:
         if len(paths) == 1 and not Path(paths[0]).is_dir() and not is_nifti(paths[0]):
             raise InferenceInputError(
                 f"--input {paths[0]}: MS-Lesion needs the 4 NIfTI volumes {', '.join(m.upper() for m in MODALITIES)} "
