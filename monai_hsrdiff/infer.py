@@ -69,7 +69,7 @@ def case_name(input: str | Sequence[str]) -> str:  # noqa: A002 - the bundle key
 def _config_files(bundle: Path, configs: Sequence[str | os.PathLike]) -> list[Path]:
     """train.json, inference.json and the ``--config`` overrides; an override may only set keys the bundle defines
     (MONAI would silently add a misspelt key and the model would not be the one trained)."""
-    from monai_hsrdiff.bundle import _NOT_DEFINITIONS, _load_json, check_config_keys
+    from monai_hsrdiff.config_check import _load_json, check_config_keys, definition_files
 
     files = [bundle / "train.json", bundle / "inference.json", *[Path(c) for c in configs]]
     for f in files:
@@ -78,7 +78,7 @@ def _config_files(bundle: Path, configs: Sequence[str | os.PathLike]) -> list[Pa
     overrides: dict[str, str] = {}
     for c in configs:
         overrides.update({k: str(c) for k in _load_json(Path(c)) if k not in overrides})
-    check_config_keys(overrides, sorted(p for p in bundle.glob("*.json") if p.name not in _NOT_DEFINITIONS))
+    check_config_keys(overrides, definition_files(bundle))
     return files
 
 
@@ -111,7 +111,8 @@ def infer(
     ``seed``, ``series_uid``, ``slices``, ``center``/``size``/``region_units`` -> ``region_*``,
     ``overwrite``, ``allow_modality_mismatch`` (or the config's). ``configs``: override files
     merged after ``train.json`` and ``inference.json`` (e.g. ``bundles/lidc/demo.json``).
-    ``device``: ``cpu``, ``cuda``, ``cuda:N``; checked first, then ``out``, both before MONAI loads.
+    ``device``: ``cpu``, ``cuda``, ``cuda:N``; checked first, then the override keys and ``out``,
+    all before MONAI loads.
 
     Example::
 
@@ -120,11 +121,11 @@ def infer(
     from monai_hsrdiff.export.slicer import check_output_folder
 
     checked_device = resolve_device(device)
+    bundle = Path(bundle)
+    files = _config_files(bundle, configs)
     inputs = [input] if isinstance(input, (str, os.PathLike)) else list(input)
     if out is not None:  # refused again, with the leftovers of killed writes removed, when the case is written
         check_output_folder(out, overwrite, inputs)
-    bundle = Path(bundle)
-    files = _config_files(bundle, configs)
     from monai_hsrdiff.inference.inferer import run_bundle_inference
 
     keys = {

@@ -484,3 +484,58 @@ def test_bad_nifti_inputs(ms_files, tmp_path, capsys):
     rc, err = _run_cli(capsys, *_cli_ms(ckpt, tiny, [str(p) for p in ms_files], out, "--center", "50", "3", "3", "--size", "4", "4", "4"))
     assert rc == 2 and "outside the volume" in err
     _nothing_written(out)
+
+
+# ------------------------------------------------------- inference.json's objects: the samples
+
+
+def test_bundle_inferer_draws_the_pipelines_samples(ct_dir, tmp_path):
+    """inference.json's ``volume_inferer`` gives bit-identical samples to ``HSRDiffPipeline`` called directly
+    on the same inputs: one CPU generator seeded with ``seed`` for all sliding-window calls of a
+    case, and the sampler, steps, eta and precision of the bundle keys."""
+    from monai_hsrdiff.diffusion import HSRDiffPipeline, get_sampler
+    from monai_hsrdiff.inference import Region
+
+    class Recording(HSRDiffPipeline):
+        calls: list = []
+
+        def __call__(self, condition, **kwargs):
+            out = super().__call__(condition, **kwargs)
+            self.calls.append((condition.clone(), out.samples.clone()))
+            return out
+
+    parser = ConfigParser()
+    parser.read_config(_configs("lidc", _tiny_config(tmp_path, "lidc")))
+    for key, value in {"device": "cpu", "num_samples": 2, "sampling_steps": 3, "sampler_eta": 0.5, "seed": 5}.items():
+        parser[key] = value
+    torch.manual_seed(0)
+    inferer = parser.get_parsed_content("volume_inferer")  # untrained: the weights do not matter here
+    pipe = inferer.pipeline
+    assert (pipe.sampler.num_inference_steps, pipe.sampler.eta, pipe.precision) == (3, 0.5, "float32")
+    inferer.pipeline = Recording(pipe.model, pipe.sampler, pipe.autocast_dtype, pipe.max_batch_size)
+    task = get_task("lidc")
+    source = task.read_source(str(ct_dir))
+    pred = inferer(source, task.slice_preprocessing(32, 1.1), Region.from_options(source, (2, 4), None, None, "voxel"))
+    assert pred.samples.shape == (2, *CT_SHAPE) and len(Recording.calls) >= 2
+    reference = HSRDiffPipeline(pipe.model, get_sampler("ddim", parser.get_parsed_content("diffusion"), eta=0.5,
+                                                       num_inference_steps=3))  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+    for condition, samples in Recording.calls:
+        assert torch.equal(reference(condition, num_samples=2, generator=generator).samples, samples)
+    summary = inferer.summary()
+    assert {k: summary[k] for k in ("sampler", "num_inference_steps", "eta", "precision", "seed")} == {
+        "sampler": "ddim", "num_inference_steps": 3, "eta": 0.5, "precision": "float32", "seed": 5}  # fmt: skip
+    assert len(summary["kappa_trace_mean"]) == 3
+    # DDPM: no step count and no eta in summary.json, whatever the bundle keys say
+    parser["sampler"] = "ddpm"
+    assert {k: v for k, v in parser.get_parsed_content("volume_inferer").summary().items() if k != "seed"} == {
+        "sampler": "ddpm", "num_inference_steps": None, "eta": None, "precision": "float32"}  # fmt: skip
+
+
+def test_cli_choices_are_the_library_names():
+    """infer.py writes the sampler and precision names out (to refuse a bad --out before MONAI loads)."""
+    from monai_hsrdiff.diffusion import SAMPLERS
+    from monai_hsrdiff.diffusion.pipeline import PRECISIONS
+    from monai_hsrdiff.infer import PRECISION_NAMES, SAMPLER_NAMES
+
+    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS) and sorted(PRECISION_NAMES) == sorted(PRECISIONS)
