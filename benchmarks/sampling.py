@@ -57,6 +57,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     write_results,
 )
+from benchmarks.vmap_decoders import VmapDecoders, forward_vmap_decoders  # noqa: E402
 from monai_hsrdiff.diffusion import DDIMSampler, DDPMSampler, DiffusionSchedule, HSRDiffPipeline, SelfRegulatedDiffusion  # noqa: E402
 from monai_hsrdiff.diffusion.process import randn  # noqa: E402
 from monai_hsrdiff.networks import get_preset  # noqa: E402
@@ -91,13 +92,10 @@ def literal_algorithm2(model, condition: torch.Tensor, num_samples: int, process
     return torch.cat(out)
 
 
-def pipeline_samples(model, condition, num_samples, sampler, steps, generator, max_batch="auto", autocast=None) -> torch.Tensor:
-    """(b)/(c) one pipeline call (default chunking: ``max_batch_size="auto"``); (N, M, *spatial)."""
+def pipeline_samples(pipe: HSRDiffPipeline, condition, num_samples, generator) -> torch.Tensor:
+    """(b)/(c) one call of the sampling object (its sampler's steps, precision, chunking); (N, M, *spatial)."""
     with torch.inference_mode():
-        out = HSRDiffPipeline(model, sampler, autocast_dtype=autocast)(
-            condition, num_samples=num_samples, num_inference_steps=steps, max_batch_size=max_batch, generator=generator
-        )
-    return out.samples[0]
+        return pipe(condition, num_samples=num_samples, generator=generator).samples[0]
 
 
 def encode_once(model, condition: torch.Tensor) -> None:
@@ -118,65 +116,6 @@ def pipeline_configs(model, args) -> dict[str, tuple[Any, torch.dtype | None]]:
     if args.bf16:
         configs["bf16 + channels-last"] = (copy.deepcopy(model).to(memory_format=torch.channels_last), torch.bfloat16)
     return configs
-
-
-class _VmapDecoders(torch.nn.Module):
-    """Runs D_eps and D_x as ONE batched call (``torch.func.stack_module_state`` + ``vmap``).
-
-    A benchmark-only wrapper: replaces ``model.eps_decoder`` / ``model.x_decoder`` calls by a
-    single vmapped call over the stacked weights (convolutions become grouped convolutions).
-    """
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        from torch.func import functional_call, stack_module_state
-
-        self.model = model
-        self.params, self.buffers = stack_module_state([model.eps_decoder, model.x_decoder])
-        base = copy.deepcopy(model.eps_decoder).to("meta")
-
-        def one(p, b, h, emb, skips, feats):
-            return functional_call(base, (p, b), (h, emb, skips, feats))
-
-        self._vm = torch.func.vmap(one, in_dims=(0, 0, None, None, None, None))
-
-    def decode(self, h, emb, skips, feats):
-        f = self._vm(self.params, self.buffers, h, emb, skips, feats)
-        return f[0], f[1]
-
-
-def _forward_vmap_decoders(wrapper: _VmapDecoders, x, timesteps, condition=None, condition_features=None):
-    # mirrors HSRDiff.forward steps 2-6 with the two decoders in one vmapped call
-    from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
-
-    from monai_hsrdiff.networks.hsrdiff import HSRDiffOutput
-
-    m = wrapper.model
-    features = condition_features if condition_features is not None else m.encode_condition(condition)
-    emb = m.time_embed(get_timestep_embedding(timesteps, m.channels[0]).to(dtype=x.dtype))
-    h = m.label_conv_in(x)
-    skips = []
-    for block in m.label_encoder:
-        h, states = block(h, emb)
-        skips.append(states[len(block.resnets) - 1])
-    h = m.middle_block(m.middle_fuse(torch.cat([h, features[-1]], dim=1), emb), emb)
-    f_eps, f_x = wrapper.decode(h, emb, skips, list(features))
-    return HSRDiffOutput(eps=m.eps_head(f_eps), x0=m.x_head(f_x), kappa=m.kappa_head(f_eps, f_x))
-
-
-class _Bound(torch.nn.Module):
-    """Model-like object whose forward is a replacement function (keeps the attributes the pipeline reads)."""
-
-    def __init__(self, model, fn) -> None:
-        super().__init__()
-        self.inner, self.fn = model, fn
-        self.out_channels, self.condition = model.out_channels, model.condition
-
-    def encode_condition(self, c):
-        return self.inner.encode_condition(c)
-
-    def forward(self, *a, **k):
-        return self.fn(*a, **k)
 
 
 def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
@@ -231,11 +170,11 @@ def ged_check(args, rows: list, data: dict) -> None:
     if args.ged_reference:  # DDPM-250 of an earlier run on the same checkpoint, items and seed
         res["DDPM 250"] = json.loads(Path(args.ged_reference).read_text())["ged_check"]["results"]["DDPM 250"]
     for spec in specs:
-        name, smp, steps, bf16 = _ged_variant(spec, process)
+        name, smp, bf16 = _ged_variant(spec, process)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = HSRDiffPipeline(net, smp, autocast_dtype=torch.bfloat16 if bf16 else None)(images, num_samples=16, num_inference_steps=steps,
-                                           generator=torch.Generator().manual_seed(7))  # fmt: skip
+            pipe = HSRDiffPipeline(net, smp, autocast_dtype=torch.bfloat16 if bf16 else None)
+            out = pipe(images, num_samples=16, generator=torch.Generator().manual_seed(7))
         r = score(samples_to_masks(out.samples.float()).numpy(), masks)
         r["seconds"] = time.perf_counter() - t0
         res[name] = r
@@ -251,17 +190,17 @@ def ged_check(args, rows: list, data: dict) -> None:
                          "results": res}  # fmt: skip
 
 
-def _ged_variant(spec: str, process: SelfRegulatedDiffusion) -> tuple[str, Any, int | None, bool]:
-    """``ddpm[:bf16]`` or ``ddim:<steps>[:<eta>][:bf16]`` -> (row name, sampler, steps, bf16)."""
+def _ged_variant(spec: str, process: SelfRegulatedDiffusion) -> tuple[str, Any, bool]:
+    """``ddpm[:bf16]`` or ``ddim:<steps>[:<eta>][:bf16]`` -> (row name, sampler with its steps, bf16)."""
     parts = spec.split(":")
     bf16 = parts[-1] == "bf16"
     parts = parts[:-1] if bf16 else parts
     if parts == ["ddpm"]:
-        return "DDPM 250" + (" bf16" if bf16 else ""), DDPMSampler(process), None, bf16
+        return "DDPM 250" + (" bf16" if bf16 else ""), DDPMSampler(process), bf16
     if parts[0] == "ddim" and len(parts) in (2, 3):
         steps, eta = int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
         name = f"DDIM {steps}" + (f" eta={eta:g}" if eta else "") + (" bf16" if bf16 else "")
-        return name, DDIMSampler(process, eta=eta), steps, bf16
+        return name, DDIMSampler(process, eta=eta, num_inference_steps=steps), bf16
     raise SystemExit(f"--ged-variants: cannot read {spec!r}; write ddpm[:bf16] or ddim:<steps>[:<eta>][:bf16]")
 
 
@@ -289,7 +228,7 @@ def run(args: argparse.Namespace) -> Path:
             lines = []
             for name, (net, dt) in configs.items():
                 t0 = time.perf_counter()
-                sb = pipeline_samples(net, cond, n, DDPMSampler(short), None, torch.Generator().manual_seed(3), autocast=dt)
+                sb = pipeline_samples(HSRDiffPipeline(net, DDPMSampler(short), dt), cond, n, torch.Generator().manual_seed(3))
                 first_call = time.perf_counter() - t0
                 diff = float((sa - sb).abs().max())
                 agree = float(((sa > 0) == (sb > 0)).float().mean())
@@ -304,8 +243,9 @@ def run(args: argparse.Namespace) -> Path:
             na = min(args.literal_samples or n, n)  # (a) is one sample at a time: its cost is exactly linear in N
             fns = {"a": lambda: literal_algorithm2(model, cond, na, short, gen()), "ec": lambda: encode_once(model, cond)}
             for name, (net, dt) in configs.items():
-                fns[f"b|{name}"] = lambda net=net, dt=dt: pipeline_samples(net, cond, n, DDPMSampler(short), None, gen(), autocast=dt)
-                fns[f"c|{name}"] = lambda net=net, dt=dt: pipeline_samples(net, cond, n, DDIMSampler(full), k, gen(), autocast=dt)
+                pipe_b, pipe_c = HSRDiffPipeline(net, DDPMSampler(short), dt), HSRDiffPipeline(net, DDIMSampler(full, num_inference_steps=k), dt)
+                fns[f"b|{name}"] = lambda p=pipe_b: pipeline_samples(p, cond, n, gen())
+                fns[f"c|{name}"] = lambda p=pipe_c: pipeline_samples(p, cond, n, gen())
             med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
             # (b) and (c) run E_c once per call: time = E_c + k steps; (a) runs it inside every step
             ec = med.pop("ec")
@@ -370,8 +310,8 @@ def run(args: argparse.Namespace) -> Path:
         options["channels_last"] = step_fn(model_cl, x_cl, feats_cl)
         options["channels_last + bf16"] = step_fn(model_cl, x_cl, feats_cl, bf16)
         try:
-            vm = _VmapDecoders(model)
-            options["decoders batched (vmap)"] = step_fn(lambda *a, **kw: _forward_vmap_decoders(vm, *a, **kw), x, feats_n)
+            vm = VmapDecoders(model)
+            options["decoders batched (vmap)"] = step_fn(lambda *a, **kw: forward_vmap_decoders(vm, *a, **kw), x, feats_n)
         except Exception as e:  # report, do not fail the benchmark
             data["vmap_error"] = repr(e)
         failed = {}
