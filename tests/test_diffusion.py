@@ -538,3 +538,31 @@ def test_pipeline_settings_live_on_the_object(process):
     assert pipe.sampler.num_inference_steps == 4
     with pytest.raises(ValueError, match="max_batch_size"):
         HSRDiffPipeline(net, DDPMSampler(process), max_batch_size=0)
+
+
+def test_evaluator_samples_with_the_pipeline(process):
+    """HSRDiffEvaluator(pipeline=...) draws the pipeline's samples (steps from its sampler); the
+    deprecated sampler=/num_inference_steps= path gives the same; a pipeline over another network is refused."""
+    from monai_hsrdiff.engines import HSRDiffEvaluator
+
+    net = tiny_net()
+    torch.manual_seed(1)
+    batch = {"image": torch.randn(2, 1, 16, 16), "masks": (torch.rand(2, 3, 16, 16) > 0.5).float()}
+
+    def run(**kwargs) -> tuple[torch.Tensor, dict]:
+        evaluator = HSRDiffEvaluator("cpu", [batch], net, num_samples=3, seed=4, **kwargs)
+        evaluator.run()
+        return evaluator.state.output["pred"], evaluator.state.kappa_trace
+
+    pipe = HSRDiffPipeline(net, DDIMSampler(process, eta=1.0, num_inference_steps=4), max_batch_size=2)
+    pred, kappa = run(pipeline=pipe)
+    expected = HSRDiffPipeline(net, DDIMSampler(process, eta=1.0))(
+        batch["image"], num_samples=3, num_inference_steps=4, generator=torch.Generator().manual_seed(4)
+    )
+    assert torch.equal(pred, expected.samples[:, :, 0] > 0)
+    assert sorted(kappa) == sorted(expected.timesteps.tolist())
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        old_pred, _ = run(sampler=DDIMSampler(process, eta=1.0), num_inference_steps=4)
+    assert torch.equal(old_pred, pred)
+    with pytest.raises(ValueError, match="pipeline.model is not the evaluator's network"):
+        HSRDiffEvaluator("cpu", [batch], tiny_net(), pipeline=pipe)
