@@ -100,9 +100,10 @@ def test_network_def_is_the_hsrdiff_preset(task: str, in_channels: int, capfd) -
     err = capfd.readouterr().err
     assert "DEPRECATED: the bundle key preset='hsrdiff_light'" in err and '--network_def#channels "[32, 64, 128, 160]"' in err
     assert _shapes(light) != _shapes(ref)
-    with pytest.raises(RuntimeError) as e:  # MONAI wraps the error of a config item
-        _network_def(task, preset="hsrdif")
-    assert "get_preset: unknown preset name 'hsrdif'" in repr(e.value.__cause__ or e.value)
+    for widths in ({}, {"network_def#channels": [8, 16]}):  # a misspelt preset stops the run, set widths or not
+        with pytest.raises(RuntimeError) as e:  # MONAI wraps the error of a config item
+            _network_def(task, preset="hsrdif", **widths)
+        assert "get_preset: unknown preset name 'hsrdif'" in repr(e.value.__cause__ or e.value)
 
 
 @pytest.mark.parametrize("task,in_channels", [("lidc", 1), ("ms_lesion", 4)])
@@ -121,3 +122,23 @@ def test_demo_network_unchanged(task: str, in_channels: int) -> None:
         assert torch.equal(mine[k], theirs[k]), k
     torch.manual_seed(1)
     assert not torch.equal(net.state_dict()[k], _network_def(task, "demo.json").state_dict()[k])  # seed matters
+
+
+@pytest.mark.parametrize("task", ["lidc", "ms_lesion"])
+def test_tracking_settings_written_once(task: str) -> None:
+    """The MLflow settings live in the one ``tracking_run`` object; every tracking handler of the
+    training, validation and evaluation lists refers to it instead of repeating them."""
+    text = "".join((BUNDLES / task / f).read_text() for f in ("train.json", "evaluate.json"))
+    for ref in ("@tracking_uri", "@tracking_fallback_local", "@experiment_name", "@tracking_parent_run"):
+        assert text.count(f'"{ref}"') == 1, ref
+    configs = {f: _load(task, f) for f in ("train.json", "evaluate.json")}
+    handlers = {
+        (f, cid[: -len("#_target_")]): v
+        for f, config in configs.items()
+        for cid, v in config.items()
+        if cid.endswith("#_target_") and str(v).startswith("monai_hsrdiff.tracking.") and cid != "tracking_run#_target_"
+    }
+    assert sorted(set(handlers.values())) == ["monai_hsrdiff.tracking.FiguresHandler", "monai_hsrdiff.tracking.HSRDiffMLFlowHandler"]
+    assert len(handlers) == 5  # training, validation (+ figures), evaluation (+ figures)
+    for f, item in handlers:
+        assert configs[f][item + "#run"] == "@tracking_run" and configs[f][item + "#_disabled_"] == "@tracking_disabled"

@@ -188,8 +188,9 @@ def test_training_run_metrics_params_artifacts(tracked, tmp_path: Path) -> None:
         assert grid.shape[1] > 4 * grid.shape[0]
     # params: settings after the command-line overrides, model size, data set, code version
     p = run.data.params
-    assert p["preset"] == "hsrdiff_light" and p["image_size"] == "32" and p["batch_size"] == "6"
-    assert p["network_def/channels"] == "[8, 8, 16]" and p["network_def/name"] == "hsrdiff_light"
+    # (network_def names HSRDiff and writes every argument out; demo.json sets the demo widths)
+    assert p["network_def/_target_"] == "monai_hsrdiff.networks.HSRDiff" and p["image_size"] == "32" and p["batch_size"] == "6"
+    assert p["network_def/channels"] == "[8, 8, 16]" and p["network_def/num_res_blocks"] == "1" and p["learning_rate"] == "0.001"
     assert p["run_dir"] == str(run_dir.resolve()) and p["experiment_name"] == "hsrdiff_lidc"
     net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, channels=[8, 8, 16], num_head_channels=8,
                      norm_num_groups=4, attention_levels=[False, False, True], num_res_blocks=1)  # fmt: skip
@@ -201,7 +202,7 @@ def test_training_run_metrics_params_artifacts(tracked, tmp_path: Path) -> None:
     assert run.data.tags["hsrdiff.synthetic"] == "true" and "SYNTHETIC" in run.data.tags["mlflow.note.content"]
     # the merged config (files + overrides) as an artifact
     cfg = json.loads(Path(client.download_artifacts(rid, "config/bundle_config.json", str(tmp_path))).read_text())
-    assert cfg["image_size"] == 32 and cfg["preset"] == "hsrdiff_light" and cfg["network_def"]["channels"] == [8, 8, 16]
+    assert cfg["image_size"] == 32 and cfg["network_def"]["num_res_blocks"] == 1 and cfg["network_def"]["channels"] == [8, 8, 16]
     # the best checkpoint (the bundle's model file) and the bundle metadata, byte for byte
     logged = Path(client.download_artifacts(rid, "model/model.pt", str(tmp_path)))
     assert logged.read_bytes() == (run_dir / "checkpoints" / "model.pt").read_bytes()
@@ -399,3 +400,36 @@ def test_resumed_training_continues_its_run(tracked) -> None:
     assert _steps(client, rid, "loss") == list(range(1, (EPOCHS + 1) * ITERS_PER_EPOCH + 1))
     assert _steps(client, rid, "val_ged16") == [1, 2, 3]
     assert run.data.params["max_epochs"] == str(EPOCHS)  # params stay those of the first start (immutable)
+
+
+def test_handlers_share_only_their_tracking_run(tracked, tmp_path: Path) -> None:
+    """The validation handler logs into the training run of the TrackingRun it holds, not into
+    another run of the same run directory in the same process (no module-level state)."""
+    from ignite.engine import Engine, Events
+
+    from monai_hsrdiff.tracking import HSRDiffMLFlowHandler, TrackingRun, scalar_output
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(tracked["run_dir"] / "mlflow.db", db)  # already migrated: fast
+    uri = f"sqlite:///{db}"
+    ours, other = (TrackingRun(str(tmp_path / "run"), tracking_uri=uri, experiment_name="share") for _ in range(2))
+    with pytest.raises(ValueError, match="needs the training handler's TrackingRun"):
+        HSRDiffMLFlowHandler(str(tmp_path / "run"), role="validation", tracking_uri=uri)
+
+    def evaluator(run: TrackingRun, value: float) -> Engine:
+        engine = Engine(lambda e, b: {})
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_x=value))
+        HSRDiffMLFlowHandler(run, role="validation", iteration_log=False).attach(engine)
+        return engine
+
+    mine, stray = evaluator(ours, 1.0), evaluator(other, 2.0)
+    trainer = Engine(lambda e, b: {"loss": 0.5})
+    HSRDiffMLFlowHandler(ours, role="training", output_transform=scalar_output(["loss"])).attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: (mine.run([0]), stray.run([0])))
+    trainer.run([0, 1], max_epochs=1)
+    assert other.run_id is None and ours.role == "training"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("share").experiment_id])
+    assert [r.info.run_id for r in runs] == [ours.run_id]  # the stray validation opened no run of its own
+    assert [m.value for m in client.get_metric_history(ours.run_id, "val_x")] == [1.0]
+    assert _steps(client, ours.run_id, "loss") == [1, 2]

@@ -11,7 +11,7 @@ from .hsrdiff import (
     HSRDiffOutput,
     SelfRegulationHead,
 )
-from .presets import PRESETS, get_preset, hsrdiff, hsrdiff_light, preset_value
+from .presets import PRESETS, check_preset, get_preset, hsrdiff, hsrdiff_light, preset_value
 
 __all__ = [
     "CONDITIONS",
@@ -22,6 +22,7 @@ __all__ = [
     "HSRDiffDecoder",
     "HSRDiffOutput",
     "SelfRegulationHead",
+    "check_preset",
     "get_preset",
     "hsrdiff",
     "hsrdiff_light",

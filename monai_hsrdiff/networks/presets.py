@@ -32,6 +32,7 @@ __all__ = [
     "PAPER_PARAMETERS",
     "PRESETS",
     "PRESET_CONFIGS",
+    "check_preset",
     "get_preset",
     "hsrdiff",
     "hsrdiff_light",
@@ -103,6 +104,16 @@ def _preset_config(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"get_preset: unknown preset name {name!r}; choose one of {sorted(PRESETS)}.")
     return PRESET_CONFIGS[name]
+
+
+def check_preset(name: str) -> str:
+    """``name`` when it is a preset name, else ``ValueError`` naming the presets.
+
+    The bundles' ``network_def`` requires it (``_requires_``), so a misspelt ``--preset`` stops
+    the run even when every argument it would set is overridden.
+    """
+    _preset_config(name)
+    return name
 
 
 def get_preset(name: str, **kwargs: Any) -> HSRDiff:

@@ -1,11 +1,16 @@
-"""MLflow tracking for HSRDiff bundles: the store, the handler, the logged figures and run info.
+"""MLflow tracking for HSRDiff bundles: the store, the run, its two handlers, the logged figures and run info.
 
-See docs/tracking.md for what is logged and how to open the UI.
+A bundle declares one :class:`TrackingRun` (``tracking_run``) and hands it to the run-lifecycle
+handler :class:`HSRDiffMLFlowHandler` (training, validation, evaluation) and to the evaluator's
+:class:`FiguresHandler` (κ curve, sample grids). See docs/tracking.md for what is logged and how
+to open the UI.
 """
 
 from .artifacts import SampleCollector, kappa_curve_figure, sample_grid_figure
-from .handler import HSRDiffMLFlowHandler, is_nonzero_rank, scalar_output
-from .run_info import bundle_config, config_params, count_parameters, dataset_info, find_bundle_parser, git_commit
+from .figures import FiguresHandler
+from .handler import HSRDiffMLFlowHandler, scalar_output
+from .run import TrackingRun, is_nonzero_rank
+from .run_info import bundle_config, config_params, count_parameters, dataset_info, git_commit
 from .store import (
     TrackingStore,
     check_tracking_store,
@@ -16,15 +21,16 @@ from .store import (
 )
 
 __all__ = [
+    "FiguresHandler",
     "HSRDiffMLFlowHandler",
     "SampleCollector",
+    "TrackingRun",
     "TrackingStore",
     "bundle_config",
     "check_tracking_store",
     "config_params",
     "count_parameters",
     "dataset_info",
-    "find_bundle_parser",
     "git_commit",
     "is_nonzero_rank",
     "kappa_curve_figure",

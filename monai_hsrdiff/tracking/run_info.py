@@ -1,18 +1,16 @@
 """What a tracked run records about itself: its bundle config, data set, code version, model size.
 
-The bundle config is read from the running ``monai.bundle`` parser: a config expression
-cannot refer to its own parser, so :func:`find_bundle_parser` looks for it on the call stack
-(the handlers are built, and run, inside ``ConfigParser.get_parsed_content``). Outside a
-bundle run it returns None and the config is simply not logged.
+The config is handed over explicitly (:class:`~monai_hsrdiff.tracking.TrackingRun`'s ``config``:
+the bundle command's merged config); nothing here looks for the running parser.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ __all__ = [
     "config_params",
     "count_parameters",
     "dataset_info",
-    "find_bundle_parser",
     "git_commit",
 ]
 
@@ -32,26 +29,10 @@ MAX_PARAM_VALUE = 500  # MLflow's historical limit; newer servers accept 6000
 _KEY_BAD = re.compile(r"[^\w./\- ]")
 
 
-def find_bundle_parser() -> Any | None:
-    """The ``monai.bundle.ConfigParser`` that is parsing the caller, or None outside a bundle run."""
-    from monai.bundle import ConfigParser
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, ConfigParser):
-                return obj
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
-
-
-def bundle_config(parser: Any) -> dict:
-    """The merged config of a bundle run: all config files plus command-line overrides, as
-    JSON-able data (expressions left as written)."""
-    return json.loads(json.dumps(parser.get(), default=str))
+def bundle_config(config: Mapping[str, Any]) -> dict:
+    """A bundle run's merged config (all config files plus command-line overrides) as JSON-able
+    data, expressions left as written."""
+    return json.loads(json.dumps(dict(config), default=str))
 
 
 def _scalar(v: Any) -> str | None:
@@ -67,32 +48,44 @@ def _scalar(v: Any) -> str | None:
     return None
 
 
-def config_params(parser: Any) -> dict[str, str]:
+def config_params(config: Mapping[str, Any], known: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Flatten a bundle run's settings into MLflow params.
 
     Every top-level key except the wiring sections (``train``, ``validate``, run lists) is
     included; nested dicts (e.g. ``network_def``) become ``network_def/channels``. An
-    expression (``$...``) or reference (``@key``) is logged with its value when the run has
-    already evaluated it (e.g. ``run_dir``) and the value is a setting rather than an object;
-    nothing is evaluated just for logging (the config artifact has every expression as written).
+    expression (``$...``) or reference (``@key``) is logged only when ``known`` (or, for
+    ``@key``, the config itself) holds the value of the id it names (e.g. ``run_dir``, resolved
+    by the tracking run) and the value is a setting rather than an object; nothing is evaluated
+    for logging (the config artifact has every expression as written).
+
+    Args:
+        config: the merged config, {key: value as written}.
+        known: {config id: resolved value} (ids written ``a#b``).
 
     Returns:
         {key: value string}, values cut to 500 characters.
+
+    Example::
+
+        config_params({"image_size": 32, "run_dir": "$f()", "network_def": {"channels": [8, 16]}},
+                      known={"run_dir": "/runs/x"})
+        # {'image_size': '32', 'run_dir': '/runs/x', 'network_def/channels': '[8, 16]'}
     """
-    resolved = getattr(getattr(parser, "ref_resolver", None), "resolved_content", {}) or {}
+    # "@key" of a key written as a plain value: that value
+    known = {**{k: v for k, v in config.items() if not (isinstance(v, str) and v.startswith(("$", "@")))}, **(known or {})}
     out: dict[str, str] = {}
 
     def visit(key: str, node_id: str, value: Any) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
-                visit(f"{key}/{k}", f"{node_id}::{k}", v)
+                visit(f"{key}/{k}", f"{node_id}#{k}", v)
             return
         if isinstance(value, str) and value.startswith(("$", "@")):
-            # "@key" is the value of key; "$expr" only when the run has evaluated it already
-            ref = value[1:].replace("#", "::") if value.startswith("@") else node_id
-            if ref not in resolved:
+            # "@key" is the value of key; "$expr" the value of this id, when known
+            ref = value[1:] if value.startswith("@") else node_id
+            if ref not in known:
                 return
-            value_str = _scalar(resolved[ref])
+            value_str = _scalar(known[ref])
             if value_str is None:  # an object (network, optimizer, ...), not a setting
                 return
         else:
@@ -103,7 +96,7 @@ def config_params(parser: Any) -> dict[str, str]:
             value_str = value_str[: MAX_PARAM_VALUE - 3] + "..."
         out[_KEY_BAD.sub("_", key)[:250]] = value_str
 
-    for k, v in parser.get().items():
+    for k, v in config.items():
         if k not in SKIP_SECTIONS and not str(k).startswith("_"):
             visit(str(k), str(k), v)
     return out

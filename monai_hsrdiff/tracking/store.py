@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from monai_hsrdiff.bundle import fail
+from monai_hsrdiff.errors import fail
 
 __all__ = [
     "TrackingStore",
@@ -175,9 +175,6 @@ def check_tracking_store(uri: str, timeout: float = 10.0) -> None:
         raise ConnectionError(f"{type(e).__name__}: {_short(e)}") from e
 
 
-_RESOLVED: dict[tuple, TrackingStore] = {}
-
-
 def resolve_tracking_store(
     run_dir: str | os.PathLike,
     tracking_uri: str | None = None,
@@ -195,8 +192,8 @@ def resolve_tracking_store(
         timeout: seconds to wait for an HTTP store.
 
     Returns:
-        The :class:`TrackingStore`. The result is remembered per process, so the trainer's
-        and the evaluator's handlers of one run always agree (and check once).
+        The :class:`TrackingStore`. A bundle resolves it once, in its ``tracking_run``
+        (:class:`~monai_hsrdiff.tracking.TrackingRun`), which all its handlers share.
 
     Raises:
         BundleError: (exit code 2, no traceback) the store is unreachable and
@@ -208,9 +205,6 @@ def resolve_tracking_store(
         store.uri  # 'sqlite:////.../runs/lidc_demo/mlflow.db'
     """
     env_uri = os.environ.get("MLFLOW_TRACKING_URI") or None
-    key = (str(Path(run_dir).resolve()), tracking_uri or None, env_uri, bool(fallback_local))
-    if key in _RESOLVED:
-        return _RESOLVED[key]
     local_uri = local_tracking_uri(run_dir)
     if tracking_uri:
         uri, source = str(tracking_uri), "config"
@@ -248,9 +242,7 @@ def resolve_tracking_store(
         uri, source = local_uri, "fallback"
     db = _sqlite_path(uri)
     artifact_location = Path(db.parent / ARTIFACT_DIR).as_uri() if db is not None else None
-    store = TrackingStore(uri=uri, artifact_location=artifact_location, source=source, is_local=uri == local_uri)
-    _RESOLVED[key] = store
-    return store
+    return TrackingStore(uri=uri, artifact_location=artifact_location, source=source, is_local=uri == local_uri)
 
 
 def ui_command(run_dir: str | os.PathLike, port: int = 5000) -> str:
