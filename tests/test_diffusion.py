@@ -561,7 +561,7 @@ def test_evaluator_samples_with_the_pipeline(process):
     )
     assert torch.equal(pred, expected.samples[:, :, 0] > 0)
     assert sorted(kappa) == sorted(expected.timesteps.tolist())
-    with pytest.warns(DeprecationWarning, match="deprecated"):
+    with pytest.warns(FutureWarning, match="deprecated"):
         old_pred, _ = run(sampler=DDIMSampler(process, eta=1.0), num_inference_steps=4)
     assert torch.equal(old_pred, pred)
     with pytest.raises(ValueError, match="pipeline.model is not the evaluator's network"):

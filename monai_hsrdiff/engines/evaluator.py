@@ -103,7 +103,7 @@ class HSRDiffEvaluator(SupervisedEvaluator):
                 f"HSRDiffEvaluator: {', '.join(f'{k}=' for k in legacy)} deprecated: set the sampler (with its "
                 "num_inference_steps), autocast_dtype and max_batch_size on pipeline=HSRDiffPipeline(...) "
                 "(the bundles' validate#sampler and validate#pipeline)",
-                DeprecationWarning,
+                FutureWarning,  # shown to users of a bundle run, unlike DeprecationWarning
                 stacklevel=2,
             )
             if pipeline is None and sampler is None:
