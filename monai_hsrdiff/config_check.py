@@ -10,9 +10,6 @@ so the command's config is rebuilt from the command's own arguments: **fire** (t
 id of that merged config is checked against the bundle's definition files, and every value an
 override sets against the type of the key's default.
 
-Errors raised while MONAI resolves the config reach the user as one ``ERROR:`` line
-(:func:`install_error_hook`), found by walking the exception chain; no interpreter frame is read.
-
 Example::
 
     cfg = command_config()  # None unless this process is `python -m monai.bundle run ...`
@@ -21,36 +18,34 @@ Example::
 
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib
 import inspect
 import json
-import os
 import pydoc
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_hsrdiff.errors import BundleError, fail, own_error
+from monai_hsrdiff.errors import fail
 
 __all__ = [
+    "RESERVED",
     "BundleCommand",
     "bundle_command",
     "check_command",
     "check_config_keys",
     "command_config",
     "definition_files",
-    "install_error_hook",
+    "flatten",
 ]
 
 SEP = "#"
 #: files of a bundle folder that do not define keys (they override those of the others)
 NOT_DEFINITIONS = ("metadata.json", "demo.json")
-# MONAI's reserved keys inside a component dict
-_RESERVED = {"_target_", "_disabled_", "_requires_", "_desc_", "_mode_"}
+#: MONAI's reserved keys inside a component dict
+RESERVED = {"_target_", "_disabled_", "_requires_", "_desc_", "_mode_"}
 # functions that pass their **kwargs on to a class: check override keys against that class
 _FORWARDS = {"monai_hsrdiff.networks.get_preset": "monai_hsrdiff.networks.HSRDiff"}
 #: keys naming a sampling precision: read only when the evaluator is built, so checked here
@@ -193,7 +188,7 @@ def definition_files(bundle_dir: str | Path) -> list[Path]:
     return sorted(p for p in Path(bundle_dir).glob("*.json") if p.name not in NOT_DEFINITIONS)
 
 
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """Every config id (``a#b#0#c``) -> its value; a top-level key written as ``a#b`` is that id."""
     out: dict[str, Any] = {}
     items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
@@ -201,7 +196,7 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
         cid = f"{prefix}{SEP}{k}" if prefix else str(k)
         out[cid] = v
         if isinstance(v, (dict, list)):
-            out.update(_flatten(v, cid))
+            out.update(flatten(v, cid))
     return out
 
 
@@ -248,7 +243,7 @@ def _check_key(key: str, known: dict[str, Any], merged: dict[str, Any]) -> str |
         return None  # an element of a list value
     if isinstance(pv, dict):
         if "_target_" in pv:
-            if leaf in _RESERVED:
+            if leaf in RESERVED:
                 return None
             params = _callable_params(pv["_target_"])
             if params is None or leaf in params:
@@ -294,7 +289,7 @@ def check_config_keys(
     """
     known: dict[str, Any] = {}
     for f in definition_files:
-        known.update(_flatten(_load_json(Path(f))))
+        known.update(flatten(_load_json(Path(f))))
     problems, refused = [], []
     for key, origin in overrides.items():
         if key in allowed or any(key.startswith(r + SEP) for r in refused):
@@ -324,8 +319,9 @@ def _value_problem(key: str, value: Any, default: Any, origin: str) -> str | Non
     said = f"--{key} {value}" if origin == _CLI else f"{key} = {json.dumps(value)} (from {origin})"
     if isinstance(default, bool) and not isinstance(value, bool):
         how = "True or False (capitalised)" if origin == _CLI else "true or false, without quotes"
-        if origin == _CLI and isinstance(value, str):
-            return f"{said}: {key!r} is a boolean; write {how}. The command line passes {value!r} on as a string, which would count as true."
+        if origin == _CLI and isinstance(value, str):  # fire passes "false" on as a string
+            why = f"The command line passes {value!r} on as a string, which would count as true."
+            return f"{said}: {key!r} is a boolean; write {how}. {why}"
         return f"{said}: {key!r} is a boolean; write {how} ({value!r} is not a boolean)."
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, (int, float)) and not isinstance(default, bool) and not number:
@@ -356,12 +352,12 @@ def check_command(task: str, argv: list[str] | None = None) -> BundleCommand | N
         return None
     set_by = {}  # id -> the first source that sets it (MONAI's precedence)
     for origin, content in command.sources.items():
-        for cid in _flatten(content):
+        for cid in flatten(content):
             set_by.setdefault(cid, origin)
-    merged = _flatten(command.parser.get())
+    merged = flatten(command.parser.get())
     known: dict[str, Any] = {}
     for f in definitions:
-        known.update(_flatten(_load_json(f)))
+        known.update(flatten(_load_json(f)))
     allowed: tuple[str, ...] = ()
     if command.tracking:
         from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
@@ -374,77 +370,3 @@ def check_command(task: str, argv: list[str] | None = None) -> BundleCommand | N
         if why:
             raise fail(why)
     return command
-
-
-# ---------------------------------------------------------------------------------------------
-# One ERROR line for an error inside MONAI's config resolution
-# ---------------------------------------------------------------------------------------------
-
-
-def _chain(exc: BaseException | None) -> list[BaseException]:
-    out: list[BaseException] = []
-    while exc is not None and exc not in out:
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return out
-
-
-def _is_config_wrapper(exc: BaseException) -> bool:
-    return type(exc) is RuntimeError and str(exc).startswith(("Failed to instantiate", "Failed to evaluate"))
-
-
-_INSTANTIATE = re.compile(r"Failed to instantiate component '([^']*)' with keywords: ?([^\n]*)")
-
-
-def _failing_items(wrapper: BaseException, config: dict[str, Any]) -> list[str]:
-    """The config ids that MONAI's message describes: the component (its ``_target_`` and keywords)
-    or the expression (its text, with MONAI's ``__local_refs['x']`` written back as ``@x``)."""
-    text = str(wrapper)
-    found = _INSTANTIATE.match(text)
-    if found:
-        target, words = found.group(1), {w for w in found.group(2).split(",") if w}
-        return [
-            cid for cid, v in config.items()
-            if isinstance(v, dict) and isinstance(v.get("_target_"), str)
-            and (target == v["_target_"] or target.endswith("." + v["_target_"]))
-            and set(v) - _RESERVED == words
-        ]  # fmt: skip
-    try:
-        expr = ast.literal_eval(text.partition("\n")[2].strip())
-    except (ValueError, SyntaxError):
-        return []
-    expr = re.sub(r"__local_refs\['([^']*)'\]", r"@\1", str(expr))
-    return [cid for cid, v in config.items() if v == expr]
-
-
-def _excepthook(exc_type, exc, tb) -> None:
-    chain = _chain(exc)
-    wrappers = [e for e in chain if _is_config_wrapper(e)]
-    if os.environ.get("HSRDIFF_TRACEBACK") or not wrappers:
-        sys.__excepthook__(exc_type, exc, tb)
-        return
-    # our own error's message names the file or key (an ItemFormatError's, not that of the BadZipFile it wraps)
-    own = own_error(exc)
-    root = own or next((e for e in reversed(chain) if not _is_config_wrapper(e)), exc)
-    if isinstance(root, BundleError):  # already printed by fail()
-        return
-    if own is not None:
-        msg = str(own)
-    else:
-        config = command_config()
-        where = _failing_items(wrappers[-1], _flatten(config.get())) if config is not None else []
-        msg = f"{type(root).__name__}: {root}"
-        if where:
-            msg += f"\n  (while building config item {' or '.join(repr(w) for w in where)})"
-    print(f"\nERROR: {msg}\n  Set HSRDIFF_TRACEBACK=1 to see the full traceback.\n", file=sys.stderr, flush=True)
-
-
-def install_error_hook() -> None:
-    """Print errors raised inside MONAI's config resolution as one short message, not a traceback.
-
-    MONAI wraps every error of a config item in ``RuntimeError("Failed to instantiate ...")``
-    and the command line prints the whole chain (often 100+ lines); the hook prints the
-    original error's type and message and the config item MONAI's message describes. Other
-    uncaught errors keep Python's normal traceback, and ``HSRDIFF_TRACEBACK=1`` restores it for all.
-    """
-    sys.excepthook = _excepthook
