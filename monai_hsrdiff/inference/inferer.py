@@ -1,10 +1,11 @@
 """One case, wired from objects as ``bundles/<task>/inference.json`` declares them (model-zoo style).
 
-reader (:class:`CaseReader`: the scan, its region and the task's slice preprocessing) ->
-pipeline (:class:`~monai_hsrdiff.diffusion.HSRDiffPipeline`: sampler, steps, eta, precision,
-chunking) -> volume inferer (:class:`VolumeInferer`: N samples slice by slice, back in the
-source grid) -> writer (``monai_hsrdiff.export.SlicerCaseWriter``: the 3D Slicer case folder).
-:func:`run_case` runs them in the order that writes nothing for bad input.
+``case_reader`` (:class:`CaseReader`: the scan, its region and the task's slice preprocessing)
+-> ``pipeline`` (:class:`~monai_hsrdiff.diffusion.HSRDiffPipeline`: sampler, steps, eta,
+precision, chunking) -> ``volume_inferer`` (:class:`VolumeInferer`: N samples slice by slice,
+back in the source grid) -> ``case_writer`` (``monai_hsrdiff.export.SlicerCaseWriter``: the 3D
+Slicer case folder). :func:`run_case` runs them in the order that writes nothing for bad input;
+:func:`run_bundle_inference` runs a bundle's ``inference`` with overrides (the command line's path).
 
 Example::
 
