@@ -66,6 +66,12 @@ def _failing_items(wrapper: BaseException, config: dict[str, Any]) -> list[str]:
     return [cid for cid, v in config.items() if v == expr]
 
 
+def _describe(cid: str) -> str:
+    """``'a#b'``; a component's reserved entry as the component: ``'net', its '_requires_'``."""
+    parent, _, leaf = cid.rpartition("#")
+    return f"{parent!r}, its {leaf!r}" if parent and leaf in RESERVED else repr(cid)
+
+
 def _config_items(wrapper: BaseException) -> list[str]:
     """:func:`_failing_items` in the command's config; [] when it cannot be rebuilt (a hook never raises)."""
     try:
@@ -92,7 +98,7 @@ def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: Traceback
         where = _config_items(wrappers[-1])
         msg = f"{type(root).__name__}: {root}"
         if where:
-            msg += f"\n  (while building config item {' or '.join(repr(w) for w in where)})"
+            msg += f"\n  (while building config item {' or '.join(_describe(w) for w in where)})"
     print(f"\nERROR: {msg}\n  Set HSRDIFF_TRACEBACK=1 to see the full traceback.\n", file=sys.stderr, flush=True)
 
 

@@ -126,3 +126,10 @@ def test_paths_and_device(monkeypatch, tmp_path: Path, capsys) -> None:
     assert device_problem("cpu") is None and str(resolve_device(" cpu ")) == "cpu" and resolve_device("") is None
     with pytest.raises(InferenceInputError, match="--device 'banana': that is not a device"):
         resolve_device("banana")
+
+
+def test_error_hook_names_the_component_of_a_reserved_entry() -> None:
+    from monai_hsrdiff.error_hook import _describe
+
+    assert _describe("network_def#_requires_") == "'network_def', its '_requires_'"
+    assert _describe("train#dataloader") == "'train#dataloader'"
