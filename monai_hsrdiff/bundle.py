@@ -16,8 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from monai_hsrdiff.config_check import NOT_DEFINITIONS as _NOT_DEFINITIONS  # noqa: F401  old names, for callers
-from monai_hsrdiff.config_check import _load_json, check_command, check_config_keys  # noqa: F401
+from monai_hsrdiff.config_check import check_command, check_config_keys
 from monai_hsrdiff.error_hook import install_error_hook
 from monai_hsrdiff.errors import BundleError, DatalistError, fail
 from monai_hsrdiff.paths import TASKS, bundle_root, check_task, default_dataset_dir, default_run_dir, repo_root
@@ -39,8 +38,6 @@ __all__ = [
     "require_datalist",
     "require_writable",
 ]
-
-_check_task = check_task  # the old private name
 
 
 def require_datalist(dataset_dir: str, task: str, splits: list[str] | tuple[str, ...] = ("training",)) -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "command_config",
     "definition_files",
     "flatten",
+    "load_json",
 ]
 
 SEP = "#"
@@ -108,7 +109,8 @@ def _file_list(config_file: Any) -> list[str]:
     return [text]
 
 
-def _load_json(path: Path) -> dict:
+def load_json(path: Path) -> dict:
+    """A config file's JSON object, or stop (``errors.fail``) naming the file and what is wrong."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -118,9 +120,12 @@ def _load_json(path: Path) -> dict:
     return doc
 
 
+_load_json = load_json  # the earlier private name
+
+
 def _load(path: str | Path) -> dict:
     if Path(path).suffix == ".json":
-        return _load_json(Path(path))
+        return load_json(Path(path))
     from monai.bundle import ConfigParser
 
     return dict(ConfigParser.load_config_file(str(path)))
@@ -289,7 +294,7 @@ def check_config_keys(
     """
     known: dict[str, Any] = {}
     for f in definition_files:
-        known.update(flatten(_load_json(Path(f))))
+        known.update(flatten(load_json(Path(f))))
     problems, refused = [], []
     for key, origin in overrides.items():
         if key in allowed or any(key.startswith(r + SEP) for r in refused):
@@ -357,7 +362,7 @@ def check_command(task: str, argv: list[str] | None = None) -> BundleCommand | N
     merged = flatten(command.parser.get())
     known: dict[str, Any] = {}
     for f in definitions:
-        known.update(flatten(_load_json(f)))
+        known.update(flatten(load_json(f)))
     allowed: tuple[str, ...] = ()
     if command.tracking:
         from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
