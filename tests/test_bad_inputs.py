@@ -779,7 +779,7 @@ def test_misspelt_keys_command_line_and_file(run_bundle, runs: Path, tmp_path: P
     )  # fmt: skip
     msg = _refused(res, "unknown config key")
     assert "'num_epoch' is not a key of this bundle; did you mean 'num_epochs'? (from the command line)" in msg
-    assert "'chanels' is not an argument of monai_hsrdiff.networks.get_preset" in msg
+    assert "'chanels' is not an argument of monai_hsrdiff.networks.HSRDiff (config item 'network_def')" in msg
     assert "did you mean 'network_def#channels'" in msg
     assert "'batchsize' is not an argument of DataLoader" in msg and "'train#dataloader#batch_size'" in msg
     assert f"'learning_rat' is not a key of this bundle; did you mean 'learning_rate'? (from {mine})" in msg
