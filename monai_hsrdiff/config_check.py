@@ -1,4 +1,4 @@
-"""Start-up checks of a ``python -m monai.bundle run ...`` command's config, and its one-line errors.
+"""Start-up checks of a ``python -m monai.bundle run ...`` command's config: its keys and its values.
 
 MONAI silently adds an unknown key (a misspelt ``--num_epoch 5`` would train for the default
 500 epochs) and passes ``--resume false`` on as the string ``"false"``, which ``if @resume``
@@ -8,7 +8,7 @@ so the command's config is rebuilt from the command's own arguments: **fire** (t
 ``monai.bundle.scripts.run``, and the config is merged as ``ConfigWorkflow.__init__`` merges it
 (``ConfigParser().read_config(files)``, then ``update(overrides)``), args_file included. Every
 id of that merged config is checked against the bundle's definition files, and every value an
-override sets against the type of the key's default.
+override sets against the type of the key's default. (The one-line errors: :mod:`monai_hsrdiff.error_hook`.)
 
 Example::
 
@@ -92,7 +92,9 @@ def _fire_arguments(argv: list[str]) -> tuple[str, dict[str, Any]] | None:
         got.update(sig.bind(*args, **kwargs).arguments)
 
     capture.__signature__ = sig  # type: ignore[attr-defined]  # fire parses against run's own signature
-    fire.Fire({argv[0]: capture}, command=list(argv), name="monai.bundle")
+    # fire's own flags (after "--": --interactive, --trace ...) were MONAI's run's business, not ours
+    args = list(argv[: argv.index("--")] if "--" in argv else argv)
+    fire.Fire({argv[0]: capture}, command=args, name="monai.bundle")
     for p in sig.parameters.values():
         if p.kind == p.VAR_KEYWORD:
             got.update(got.pop(p.name, {}))
