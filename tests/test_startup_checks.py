@@ -133,3 +133,11 @@ def test_error_hook_names_the_component_of_a_reserved_entry() -> None:
 
     assert _describe("network_def#_requires_") == "'network_def', its '_requires_'"
     assert _describe("train#dataloader") == "'train#dataloader'"
+
+
+def test_paths_tasks_are_the_registered_tasks() -> None:
+    """paths.TASKS (paths sits below tasks, so it cannot ask the registry) names the tasks/ modules and the bundles."""
+    from monai_hsrdiff.tasks import task_names
+
+    assert tuple(sorted(paths.TASKS)) == tuple(sorted(task_names()))
+    assert all((REPO / "bundles" / t / "train.json").is_file() for t in paths.TASKS)
