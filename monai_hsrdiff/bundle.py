@@ -51,22 +51,10 @@ def require_datalist(dataset_dir: str, task: str, splits: list[str] | tuple[str,
 
         require_datalist("data/demo_lidc", "lidc", ["training", "validation"])  # 'data/demo_lidc/datalist.json'
     """
-    from monai_hsrdiff.data import load_datalist
+    from monai_hsrdiff.tasks import get_task
 
-    path = Path(dataset_dir) / "datalist.json"
-    if not path.is_file():
-        from monai_hsrdiff.tasks import get_task
-
-        prepare = get_task(check_task(task)).prepare_command.format(out=dataset_dir)
-        raise fail(
-            f"no prepared {task} data: {path} does not exist.\n"
-            f"  Prepare the real data set:  {prepare}\n"
-            f"  or build the synthetic demo: python -m preprocessing.demo --task {task} --out {dataset_dir}\n"
-            f"  (or point the run at prepared data with --dataset_dir DIR)"
-        )
     try:
-        for split in splits:
-            load_datalist(path, split)
+        path = get_task(check_task(task)).require_datalist(dataset_dir, splits)
     except DatalistError as e:
         raise fail(str(e)) from e
     return str(path)

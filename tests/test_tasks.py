@@ -178,3 +178,21 @@ def test_ms_folder_input_uses_the_task_file_tokens(tmp_path):
     assert Path(source.info["files"]["mprage"]).name == "case_T1w.nii.gz"
     with pytest.raises(InferenceInputError, match=r"missing MPRAGE: no file named like \*_mprage\*"):
         find_modalities(tmp_path, ("flair", "mprage"))  # no task tokens: the channel's own name
+
+
+def test_source_from_item_inverts_the_item_intensities() -> None:
+    """The demo's synthetic scan: LIDC HU back through the window (closed form), MS shifted > 0 in the brain."""
+    import numpy as np
+
+    from monai_hsrdiff.tasks import get_task
+    from monai_hsrdiff.tasks.lidc import hu_to_unit
+
+    hu = np.array([[-1000.0, -500.0, 0.0, 400.0]], dtype=np.float32)
+    back = get_task("lidc").source_from_item(hu_to_unit(hu), {})
+    np.testing.assert_allclose(back, hu, atol=1e-3)
+    # an item made with another window is mapped back with that window: 0 -> the window's centre
+    assert float(get_task("lidc").source_from_item(np.zeros((1, 1)), {"hu_window": [-100.0, 100.0]})[0, 0]) == 0.0
+    z = np.array([[[0.0, -1.5, 2.0]], [[0.0, 0.5, -0.5]]])  # (C=2, 1, 3): first voxel outside the brain
+    ms = get_task("ms_lesion").source_from_item(z, {})
+    assert (ms[:, 0, 0] == 0).all() and ms[:, 0, 1:].min() == 1.0
+    np.testing.assert_allclose(ms[:, 0, 2] - ms[:, 0, 1], z[:, 0, 2] - z[:, 0, 1])  # a shift: z-scoring removes it

@@ -24,10 +24,10 @@ from .transforms import LoadHSRDiffItemd, RandAnnotationd, ScaleLabeld, joint_au
 
 __all__ = ["DatalistError", "check_items", "eval_transforms", "get_dataset", "load_datalist", "read_datalist", "train_transforms"]
 
+# generic: the task-specific commands are in each task's ``prepare_command`` (Task.require_datalist)
 _HOW_TO_MAKE = (
-    "create one with `python -m preprocessing.demo --task lidc --out DIR` (synthetic demo data, no download), "
-    "`python -m preprocessing.lidc --dicom-root DICOM_DIR --out DIR` (LIDC-IDRI) or "
-    "`python -m preprocessing.ms_lesion --root ISBI_DIR --out DIR` (ISBI-2015 MS-Lesion)"
+    "create it with a preprocessing command: `python -m preprocessing.demo --task TASK --out DIR` (synthetic demo "
+    "data, no download), `python -m preprocessing.lidc` or `python -m preprocessing.ms_lesion` (docs/data_*.md)"
 )
 
 

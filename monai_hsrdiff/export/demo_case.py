@@ -43,6 +43,7 @@ def write_demo_source(item: str | os.PathLike, out_dir: str | os.PathLike, num_s
     import nibabel as nib
 
     from monai_hsrdiff.data.items import index_to_physical_matrix, load_item
+    from monai_hsrdiff.tasks import get_task
 
     data = load_item(item)
     meta, image = data["meta"], data["image"]  # image (C, H, W)
@@ -53,14 +54,9 @@ def write_demo_source(item: str | os.PathLike, out_dir: str | os.PathLike, num_s
     lps = index_to_physical_matrix(origin, spacing, np.eye(3).ravel())
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     vol = np.repeat(np.transpose(image, (0, 2, 1))[..., None], num_slices, axis=3)  # (C, I=cols, J=rows, K)
-    if meta.get("task") == "lidc":
-        lo, hi = meta.get("hu_window", [-1000.0, 400.0])
-        vol = lo + (vol + 1.0) * 0.5 * (hi - lo)
-        names = ["CT"]
-    else:
-        brain = (vol != 0).any(axis=0)
-        vol = np.where(brain, vol - vol[:, brain].min() + 1.0, 0.0)
-        names = [c.lower() for c in meta.get("channels", ["flair", "mprage", "pd", "t2"])]
+    task = get_task(meta.get("task", "lidc"))
+    vol = task.source_from_item(vol, meta)
+    names = list(task.channels)
     stem = f"SYNTHETIC_{Path(item).stem}"
     files = []
     for c, name in enumerate(names):
@@ -101,15 +97,15 @@ def demo_case(
         num_slices: slices of the synthetic source volume.
         configs: further override files after ``demo.json`` (as used for training).
     """
-    from monai_hsrdiff.bundle import require_datalist
     from monai_hsrdiff.data import load_datalist
     from monai_hsrdiff.export.slicer import check_output_folder
     from monai_hsrdiff.inference.inferer import run_bundle_inference
     from monai_hsrdiff.paths import bundle_root, default_dataset_dir, default_run_dir
+    from monai_hsrdiff.tasks import get_task
 
     if item is None:
         dataset_dir = dataset_dir or default_dataset_dir(task, demo=True)
-        datalist = require_datalist(str(dataset_dir), task, ["test"])
+        datalist = get_task(task).require_datalist(dataset_dir, ["test"])
         item = load_datalist(datalist, "test")[0]["item"]
     case = f"SYNTHETIC_{Path(item).stem}"
     inference_dir = Path(default_run_dir(task, "demo")) / "inference"

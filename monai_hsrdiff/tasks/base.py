@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
-from monai_hsrdiff.errors import InferenceInputError
+import numpy as np
+
+from monai_hsrdiff.errors import DatalistError, InferenceInputError
 from monai_hsrdiff.inference.source import SourceVolume, read_nifti_source
 from monai_hsrdiff.inference.volume import SlicePreprocessing
 
@@ -103,6 +106,40 @@ class Task:
     ) -> SourceVolume:
         """The default input: one NIfTI volume per channel, in :attr:`channels` order, or their folder."""
         return read_nifti_source(paths, channel_names=self.channels, name_patterns=self.file_patterns)
+
+    def require_datalist(self, dataset_dir: str | os.PathLike, splits: Sequence[str] = ("training",)) -> Path:
+        """``<dataset_dir>/datalist.json``, each of ``splits`` checked (``data.load_datalist``: present, not
+        empty, every item file there) before any long work starts.
+
+        Raises:
+            DatalistError: no datalist (the message gives the commands that prepare this task's
+                data and the synthetic demo), or a split that fails the check.
+        """
+        from monai_hsrdiff.data import load_datalist
+
+        path = Path(dataset_dir) / "datalist.json"
+        if not path.is_file():
+            raise DatalistError(
+                f"no prepared {self.name} data: {path} does not exist.\n"
+                f"  Prepare the real data set:  {self.prepare_command.format(out=dataset_dir)}\n"
+                f"  or build the synthetic demo: python -m preprocessing.demo --task {self.name} --out {dataset_dir}\n"
+                f"  (or point the run at prepared data with --dataset_dir DIR)"
+            )
+        for split in splits:
+            load_datalist(path, split)
+        return path
+
+    def source_from_item(self, image: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+        """Source-scan intensities rebuilt from an item's model input (the demo's synthetic scan).
+
+        The inverse of this task's intensity preprocessing, up to what inference removes again.
+        Default: the item values as they are.
+
+        Args:
+            image: (C, *spatial) item image, as the model sees it.
+            meta: the item's ``meta`` (may record the settings it was made with).
+        """
+        return np.asarray(image)
 
     def slice_preprocessing(
         self, image_size: int, item_spacing: float | None | Literal["default"] = "default"

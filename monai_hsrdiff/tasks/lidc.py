@@ -12,7 +12,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +60,11 @@ class LidcTask(Task):
     num_annotations = MAX_READERS
     prepare_command = "python -m preprocessing.lidc --dicom-root /path/to/LIDC-IDRI --out {out}"
     preprocessing_class = LidcSlicePreprocessing
+
+    def source_from_item(self, image: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+        """HU back from [-1, 1] with the item's window (default :data:`LIDC_HU_WINDOW`)."""
+        lo, hi = meta.get("hu_window", self.hu_window)
+        return lo + (np.asarray(image) + 1.0) * 0.5 * (hi - lo)
 
     def _read_paths(
         self, paths: list[str], series_uid: str | None, modality: str | None, allow_modality_mismatch: bool

@@ -12,11 +12,11 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -131,6 +131,12 @@ class MSLesionTask(Task):
                 "(4 files in that order, or a folder holding them)"
             )
         return super()._read_paths(paths, series_uid, modality, allow_modality_mismatch)
+
+    def source_from_item(self, image: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+        """Channels shifted to be > 0 inside the brain and 0 outside: z-scoring at inference removes the shift."""
+        image = np.asarray(image)
+        brain = (image != 0).any(axis=0)
+        return np.where(brain, image - image[:, brain].min() + 1.0, 0.0)
 
     def slice_preprocessing(
         self, image_size: int, item_spacing: float | None | Literal["default"] = "default"
