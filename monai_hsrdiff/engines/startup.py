@@ -51,17 +51,15 @@ def _sampling_problems(prefix: str, values: dict[str, Any], num_train_timesteps:
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not math.isfinite(eta):
         problems.append(f"{eta_key} = {eta!r}: must be a finite number (0: deterministic DDIM, 1: as diverse as DDPM)")
         return problems
-    try:
-        sampler = get_sampler(values[name_key], SelfRegulatedDiffusion(DiffusionSchedule(num_train_timesteps)), eta=eta)
-    except ValueError as e:
+    steps = values.get(steps_key)
+    try:  # the sampler checks its own step count (get_sampler: DDPM ignores one)
+        get_sampler(values[name_key], SelfRegulatedDiffusion(DiffusionSchedule(num_train_timesteps)), eta=eta,
+                    num_inference_steps=steps)  # fmt: skip
+    except (TypeError, ValueError) as e:
+        if "num_inference_steps" in str(e):
+            return [*problems, f"{steps_key} = {steps!r}: {e} (num_train_timesteps = {num_train_timesteps})"]
         key = eta_key if "eta" in str(e) else name_key
         return [*problems, f"{key} = {values[key]!r}: {e}"]
-    steps = values.get(steps_key)
-    if values[name_key] != "ddpm" and steps_key in values:  # DDPM ignores the step count: it runs all T steps
-        try:
-            sampler.set_timesteps(steps)
-        except (TypeError, ValueError) as e:
-            problems.append(f"{steps_key} = {steps!r}: {e} (num_train_timesteps = {num_train_timesteps})")
     return problems
 
 
