@@ -132,7 +132,7 @@ def test_nan_in_one_process_stops_both(bundle_env, tmp_path: Path) -> None:
         PYTHON, "-m", "monai.bundle", "run", "training",
         "--config_file", bundle_files("lidc", "train", "multi_gpu_train", "demo"),
         *_without(TINY, "--batch_size"), "--batch_size", "4", "--ckpt_every_n_iterations", "1",
-        "--training", repr(training),
+        "--log_every_n_iterations", "1", "--training", repr(training),
     ]  # fmt: skip
     env = {**bundle_env, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
     env.update(MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")

@@ -39,3 +39,24 @@ def test_epoch_means_attach_after_the_progress_bar_closes() -> None:
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: order.append(("metric", e.state.metrics["train_loss"])))
     engine.run([0, 1], max_epochs=1)
     assert order == ["bar closed", ("metric", 1.0)]
+
+
+def test_every_n_iterations_filter_and_an_epoch_without_iterations() -> None:
+    from monai_hsrdiff.handlers import every_n_iterations
+
+    assert every_n_iterations(0) is False
+    logged = [it for it in range(1, 11) if every_n_iterations(4)(None, it)]
+    assert logged == [4, 8]
+    try:
+        every_n_iterations(-1)
+    except ValueError as e:
+        assert "log_every_n_iterations must be >= 0" in str(e)
+    else:
+        raise AssertionError("a negative interval was accepted")
+    # a run resumed at an epoch's end completes that epoch without iterations: the means are nan, not an error
+    engine = Engine(lambda e, b: {"loss": 1.0})
+    EpochMeans(["loss"]).attach(engine)
+    engine.state.max_epochs = 1
+    engine.fire_event(Events.EPOCH_STARTED)
+    engine.fire_event(Events.EPOCH_COMPLETED)
+    assert math.isnan(engine.state.metrics["train_loss"])

@@ -75,7 +75,7 @@ def _kill_at_marker(proc: subprocess.Popen, marker: Path, log: Path, timeout: fl
 def _train_args(*extra: str) -> list[str]:
     # TINY: batch 8 -> 3 iterations in the one epoch, then a validation of 2 items
     return ["monai.bundle", "run", "training", "--config_file", bundle_files("lidc", "train", "demo"), *TINY,
-            "--ckpt_every_n_iterations", "1", *extra]  # fmt: skip
+            "--ckpt_every_n_iterations", "1", "--log_every_n_iterations", "1", *extra]  # fmt: skip
 
 
 def _steps(ckpts: Path) -> list[int]:
@@ -134,7 +134,7 @@ def test_kill_during_validation_model_write(env, tmp_path: Path) -> None:
 
     assert partial.parent == ckpts and re.fullmatch(r"tmp[a-z0-9_]{8}", partial.name), partial
     assert not (ckpts / "model.pt").exists()  # not half-written under its final name
-    assert "Epoch[1] Metrics" in log.read_text()  # killed after the metrics, in the model.pt write that follows
+    assert "Epoch[1] Metrics -- val_" in log.read_text()  # killed after the validation metrics, in the model.pt write that follows
     path, last = latest_checkpoint(ckpts)
     assert path.name == "resume_checkpoint_3.pt" and last["epoch_end"] == {"done": False}  # saved before validation
 
@@ -145,7 +145,7 @@ def test_kill_during_validation_model_write(env, tmp_path: Path) -> None:
     assert f"[resume] removing {partial}:" in out and not partial.exists()
     assert "[resume] epoch 1 ended but its end-of-epoch handlers (validation) did not finish" in out
     assert not _STATS.search(out)  # no training iteration was run again
-    assert "Epoch[1] Metrics -- " in out and "Got new best metric of val_ged16" in out
+    assert "Epoch[1] Metrics -- val_" in out and "Got new best metric of val_ged16" in out
     best = torch.load(ckpts / "model.pt", map_location="cpu", weights_only=True)
     assert best and all(torch.isfinite(v).all() for v in best.values() if torch.is_tensor(v))
     path, last = latest_checkpoint(ckpts)

@@ -192,6 +192,9 @@ def test_training_run_metrics_params_artifacts(tracked, tmp_path: Path) -> None:
     assert p["network_def/_target_"] == "monai_hsrdiff.networks.HSRDiff" and p["image_size"] == "32" and p["batch_size"] == "6"
     assert p["network_def/channels"] == "[8, 8, 16]" and p["network_def/num_res_blocks"] == "1" and p["learning_rate"] == "0.001"
     assert p["run_dir"] == str(run_dir.resolve()) and p["experiment_name"] == "hsrdiff_lidc"
+    # keys written as expressions, logged with the values the run resolved (tracking_run#resolved)
+    assert p["device"] == "cpu" and Path(p["ckpt_dir"]).resolve() == (run_dir / "checkpoints").resolve()
+    assert Path(p["datalist"]).name == "datalist.json" and Path(p["datalist"]).parent == Path(p["dataset_dir"])
     net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, channels=[8, 8, 16], num_head_channels=8,
                      norm_num_groups=4, attention_levels=[False, False, True], num_res_blocks=1)  # fmt: skip
     assert p["num_parameters"] == str(count_parameters(net))
@@ -230,6 +233,7 @@ def test_evaluation_run_nested_and_fallback(tracked, tmp_path: Path) -> None:
         assert run.data.metrics[k] == pytest.approx(v, rel=1e-6), k
         assert _steps(client, rid, k) == [1]
     assert run.data.params["eval_num_samples"] == "32" and run.data.params["eval_split"] == "test"
+    assert Path(run.data.params["eval_dir"]).resolve() == (run_dir / "eval").resolve()
     assert len(_steps(client, rid, "kappa_t")) == 2
     _png(client, rid, "kappa/kappa_curve_eval.png", tmp_path)
     _png(client, rid, "samples/samples_eval.png", tmp_path)

@@ -27,6 +27,7 @@ def _args(*extra: str) -> list[str]:
     return [
         "run", "training", "--config_file", bundle_files("lidc", "train", "demo"), *tiny,
         "--batch_size", str(BATCH), "--num_epochs", str(EPOCHS), "--ckpt_every_n_iterations", "1",
+        "--log_every_n_iterations", "1",  # the per-iteration lines show where a resumed run starts
         "--val_max_items", "3", *extra,
     ]  # fmt: skip
 
@@ -85,7 +86,7 @@ def test_kill_and_resume(bundle_env, tmp_path: Path) -> None:
     per_epoch = resumed_state["epoch_length"]
     # validation starts after the epoch's last iteration, whose checkpoint is complete by then
     assert _steps(ckpts)[-1] == per_epoch
-    assert "Epoch[1] Metrics" not in log  # the kill came before the first validation finished
+    assert "Epoch[1] Metrics -- val_" not in log  # the kill came before the first validation finished (the training epoch line has train_ keys)
 
     # 3. resumed again: from the end of epoch 1, to the end
     proc = _start(_args("--resume", "True", "--val_sampling_steps", "2"), bundle_env, tmp_path / "c.log")

@@ -71,7 +71,7 @@ def check_run_values(network: torch.nn.Module | None = None, **values: Any) -> N
             L levels halves the image: the size must be a multiple of 2**(L-1)).
         values: bundle key -> resolved value. Known keys: the counts (``batch_size``,
             ``num_epochs``, ``val_interval``, ``image_size``, ``num_train_timesteps``,
-            ``*num_samples``, ``*_max_items``, ...), ``ckpt_every_n_iterations`` (>= 0),
+            ``*num_samples``, ``*_max_items``, ...), ``ckpt_every_n_iterations`` and ``log_every_n_iterations`` (>= 0),
             ``device``, and per prefix ``val_`` / ``eval_`` / none (inference) the sampling
             settings ``sampler``, ``sampling_steps``, ``sampler_eta``, ``precision``.
             Unknown keys are refused (a typo in a config's call would skip a check).
@@ -81,7 +81,7 @@ def check_run_values(network: torch.nn.Module | None = None, **values: Any) -> N
         check_run_values(num_train_timesteps=250, val_sampler="ddim", val_sampling_steps=0)
         # ERROR: val_sampling_steps = 0: DDIMSampler: num_inference_steps must be an integer in [1, 250], got 0. ...
     """
-    known = {*_COUNTS, "ckpt_every_n_iterations", "device"}
+    known = {*_COUNTS, "ckpt_every_n_iterations", "log_every_n_iterations", "device"}
     known |= {f"{p}{k}" for p in _SAMPLING for k in ("sampler", "sampling_steps", "sampler_eta", "precision")}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -94,6 +94,9 @@ def check_run_values(network: torch.nn.Module | None = None, **values: Any) -> N
     every = values.get("ckpt_every_n_iterations", 0)
     if not _is_int(every) or every < 0:
         problems.append(f"ckpt_every_n_iterations = {every!r}: must be an integer >= 0 (0: only at epoch ends)")
+    every = values.get("log_every_n_iterations", 0)
+    if not _is_int(every) or every < 0:
+        problems.append(f"log_every_n_iterations = {every!r}: must be an integer >= 0 (0: one line of epoch means per epoch)")
     if "device" in values:
         why = device_problem(values["device"])
         if why:

@@ -1,5 +1,5 @@
 from .checkpoint import AtomicCheckpointSaver, ResumeCheckpointer, latest_checkpoint, resume_from_latest
-from .epoch_means import EpochMeans
+from .epoch_means import EpochMeans, every_n_iterations
 from .eval_checkpoint import load_checkpoint_for, load_network_weights
 
 __all__ = [
@@ -9,5 +9,6 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint_for",
     "load_network_weights",
+    "every_n_iterations",
     "resume_from_latest",
 ]

@@ -8,15 +8,41 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
 from ignite.metrics import Average
 
-__all__ = ["EpochMeans"]
+__all__ = ["EpochMeans", "every_n_iterations"]
 
 
 def _value(key: str, output: Any) -> float:
     # a term the chosen prediction has not (e.g. loss_u of prediction="eps") shows as nan
     value = output.get(key, float("nan")) if isinstance(output, dict) else float("nan")
     return float(value.detach().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class _Mean(Average):
+    """ignite's Average, nan for an epoch without iterations (a run resumed at an epoch's end)."""
+
+    def compute(self) -> Any:
+        try:
+            return super().compute()
+        except NotComputableError:
+            return float("nan")
+
+
+def every_n_iterations(n: int) -> bool | Any:
+    """``StatsHandler(iteration_log=...)`` for the bundle key ``log_every_n_iterations``: ``False``
+    for 0 (only the epoch line), else an ignite event filter logging every ``n``-th iteration.
+
+    Example::
+
+        every_n_iterations(0)             # False
+        every_n_iterations(10)(None, 20)  # True
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"log_every_n_iterations must be >= 0 (0: one line per epoch), got {n}")
+    return False if n == 0 else (lambda engine, iteration: iteration % n == 0)
 
 
 class EpochMeans:
@@ -44,4 +70,4 @@ class EpochMeans:
 
     def attach(self, engine: Engine) -> None:
         for key in self.keys:
-            Average(output_transform=partial(_value, key), device=self.device).attach(engine, f"{self.prefix}{key}")
+            _Mean(output_transform=partial(_value, key), device=self.device).attach(engine, f"{self.prefix}{key}")

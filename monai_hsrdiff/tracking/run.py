@@ -67,6 +67,9 @@ class TrackingRun:
             ``config/bundle_config.json``; None logs neither.
         parent: the run an evaluation nests under: ``"latest_training"`` (the newest training run
             of ``run_dir``), an MLflow run id, or None.
+        resolved: {config id: its resolved value} for keys the config writes as expressions
+            (``device``, ``dataset_dir``, ...): logged as params with their values (the bundles
+            pass them with ``@key``; nothing is evaluated for logging).
         retry_interval: seconds tracking pauses after a failed call before trying again.
         check_timeout: seconds the start-up check waits for an HTTP store.
 
@@ -91,6 +94,7 @@ class TrackingRun:
         network: torch.nn.Module | None = None,
         config: Any | None = None,
         parent: str | None = LATEST_TRAINING,
+        resolved: Mapping[str, Any] | None = None,
         retry_interval: float = 30.0,
         check_timeout: float = 10.0,
     ) -> None:
@@ -102,6 +106,7 @@ class TrackingRun:
         self.network = network
         self.config = config
         self.parent = parent
+        self.resolved = dict(resolved or {})
         self.retry_interval = float(retry_interval)
         # MONAI's handler lets MLFLOW_TRACKING_URI override its argument; here the bundle key
         # wins (resolved above), so the variable is hidden while the client is built
@@ -172,4 +177,4 @@ class TrackingRun:
     def known_values(self) -> dict[str, Any]:
         """Config keys whose value this object holds resolved (logged as params even when the
         config writes them as expressions)."""
-        return {"run_dir": self.run_dir, "experiment_name": self.experiment_name, "task": self.task}
+        return {**self.resolved, "run_dir": self.run_dir, "experiment_name": self.experiment_name, "task": self.task}
