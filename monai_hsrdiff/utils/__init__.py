@@ -13,7 +13,7 @@ from .outputs import (
     unexpected_entries,
     write_marker,
 )
-from .paths import unwritable_reason
+from .writable import unwritable_reason
 from .run_lock import RunFolderLocked, RunLock
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Checks on output paths made before any work starts, so a refused run writes nothing."""
+"""Whether an output folder can be written, checked before any work starts, so a refused run writes nothing."""
 
 from __future__ import annotations
 
