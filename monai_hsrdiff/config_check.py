@@ -122,9 +122,6 @@ def load_json(path: Path) -> dict:
     return doc
 
 
-_load_json = load_json  # the earlier private name
-
-
 def _load(path: str | Path) -> dict:
     if Path(path).suffix == ".json":
         return load_json(Path(path))

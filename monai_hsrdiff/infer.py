@@ -69,7 +69,7 @@ def case_name(input: str | Sequence[str]) -> str:  # noqa: A002 - the bundle key
 def _config_files(bundle: Path, configs: Sequence[str | os.PathLike]) -> list[Path]:
     """train.json, inference.json and the ``--config`` overrides; an override may only set keys the bundle defines
     (MONAI would silently add a misspelt key and the model would not be the one trained)."""
-    from monai_hsrdiff.config_check import _load_json, check_config_keys, definition_files
+    from monai_hsrdiff.config_check import check_config_keys, definition_files, load_json
 
     files = [bundle / "train.json", bundle / "inference.json", *[Path(c) for c in configs]]
     for f in files:
@@ -77,7 +77,7 @@ def _config_files(bundle: Path, configs: Sequence[str | os.PathLike]) -> list[Pa
             raise InferenceInputError(f"config file {f} does not exist (--bundle {bundle}, --config {list(configs)})")
     overrides: dict[str, str] = {}
     for c in configs:
-        overrides.update({k: str(c) for k in _load_json(Path(c)) if k not in overrides})
+        overrides.update({k: str(c) for k in load_json(Path(c)) if k not in overrides})
     check_config_keys(overrides, definition_files(bundle))
     return files
 
