@@ -130,11 +130,21 @@ def make_dataset(
     return get_dataset(entries, transforms=transforms, cache=cache)
 
 
-def report_metrics(evaluator, eval_dir: str) -> dict:
-    """Print the evaluator's metrics and write them to ``<eval_dir>/metrics.json`` (atomically)."""
+def report_metrics(evaluator, eval_dir: str, split: str | None = None) -> dict:
+    """Print the evaluator's metrics and write them to ``<eval_dir>/metrics.json`` (atomically).
+
+    With ``split`` (evaluate.json: ``@eval_split``) each ``val_<metric>`` is also written as
+    ``<split>_<metric>`` (``test_ged16``, ..., the names the MLflow evaluation run uses); the
+    ``val_*`` keys stay as deprecated aliases of an evaluation's metrics.
+    """
     from monai_hsrdiff.utils import atomic_write_text
 
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items()}
+    if split and split != "val":
+        from monai_hsrdiff.tracking.handler import split_metric_names
+
+        metrics.update(split_metric_names(metrics, split))
+        print(f"[hsrdiff] metrics.json: the val_* keys are deprecated aliases of the {split}_* keys", flush=True)
     print("[hsrdiff] evaluation metrics:", flush=True)
     for k, v in sorted(metrics.items()):
         print(f"[hsrdiff]   {k} = {v:.4f}", flush=True)

@@ -2,6 +2,21 @@
 # The README's main command: set up .venv, build the SYNTHETIC LIDC demo data, train the
 # LIDC bundle with demo.json, evaluate it, and say where everything is. ~10 min on 2 CPU cores.
 set -euo pipefail
+
+# "--resume True" when the run folder holds a resume checkpoint (a finished demo run then
+# completes at once, an interrupted one continues); nothing for a fresh run, which therefore
+# logs resume=False. Sourcing this file defines the function without running the demo.
+resume_args() {
+    local f
+    for f in "$1"/checkpoints/resume_checkpoint_*.pt; do
+        if [ -f "$f" ]; then
+            echo "--resume True"
+            return
+        fi
+    done
+}
+
+main() {
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=.venv/bin/python
@@ -20,8 +35,8 @@ else
 fi
 
 echo "== 2/4 training (bundles/lidc/train.json + demo.json) -> $run_dir"
-# --resume True: a finished demo run completes at once, an interrupted one continues
-$PY -m monai.bundle run training --config_file "$train" --resume True
+# shellcheck disable=SC2046  # resume_args prints nothing or two words
+$PY -m monai.bundle run training --config_file "$train" $(resume_args "$run_dir")
 
 echo "== 3/4 evaluating the best checkpoint on the demo test split"
 $PY -m monai.bundle run evaluating --config_file "$evaluate"
@@ -30,6 +45,7 @@ echo "== 4/4 exporting one demo case for 3D Slicer (a SYNTHETIC source volume ma
 $PY -m monai_hsrdiff.export.demo_case --task lidc
 
 ui="$($PY -c 'import sys, monai_hsrdiff.tracking as t; print(t.ui_command(sys.argv[1]))' "$run_dir")"
+url="$($PY -c 'import sys, monai_hsrdiff.tracking as t; print(t.local_runs_url(sys.argv[1], "hsrdiff_lidc") or "http://127.0.0.1:5000")' "$run_dir")"
 cat <<MSG
 
 Done. Everything below is from SYNTHETIC demo images: the numbers say the pipeline works,
@@ -38,5 +54,11 @@ not how HSRDiff does on real CT (see bundles/lidc/docs/README.md for the real-da
   metrics     : $run_dir/eval/metrics.json
   3D Slicer   : drag the files of the folder printed in step 4 into Slicer (docs/slicer.md)
   MLflow UI   : $ui
-                then open http://127.0.0.1:5000 (experiment hsrdiff_lidc; docs/tracking.md)
+                (works in any shell: it names this venv's mlflow), then open the runs of
+                experiment hsrdiff_lidc: $url   (docs/tracking.md)
 MSG
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
+fi

@@ -100,7 +100,7 @@ def _check_metrics(path: Path, expected: set[str]) -> dict:
     metrics = json.loads(path.read_text())
     assert set(metrics) == expected
     for name, value in metrics.items():
-        lo, hi = RANGES[name.removeprefix("val_").rstrip("0123456789")]
+        lo, hi = RANGES[name.split("_", 1)[1].rstrip("0123456789")]  # val_ged16, test_ged16 -> ged
         assert math.isfinite(value) and lo <= value <= hi, (name, value)
     return metrics
 
@@ -149,7 +149,10 @@ def test_train_then_evaluate(task: str, run_bundle, bundle_env, demo_data: Path,
     )  # fmt: skip
     assert res.returncode == 0, res.output[-3000:]
     names = {f"val_{m}{n}" for m in ("ged", "hm_iou", "mdm") for n in (16, 32)} | {"val_fused_iou16", "val_entropy16"}
+    names |= {"test_" + n.removeprefix("val_") for n in names}  # eval_split test; val_* kept as deprecated aliases
     metrics = _check_metrics(run_dir / "eval" / "metrics.json", names)
+    for name in names - {n for n in names if n.startswith("val_")}:
+        assert metrics[name] == metrics["val_" + name.removeprefix("test_")], name
     assert f"metrics written to {run_dir / 'eval' / 'metrics.json'}" in res.stdout
     for name, value in metrics.items():
         assert f"{name} = {value:.4f}" in res.stdout

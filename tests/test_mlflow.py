@@ -40,6 +40,7 @@ from monai_hsrdiff.tracking import (
     local_artifact_root,
     local_tracking_uri,
     resolve_tracking_store,
+    runs_url,
     sample_grid_figure,
     ui_command,
 )
@@ -93,9 +94,9 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def _server(cmd: list[str], port: int, timeout: float = 120):
+def _server(cmd: list[str], port: int, timeout: float = 120, env: dict | None = None):
     """Start an MLflow server process group; yield its base URL once /health answers; always stop it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -226,10 +227,15 @@ def test_evaluation_run_nested_and_fallback(tracked, tmp_path: Path) -> None:
     assert run.data.tags["hsrdiff.tracking_source"] == "fallback"
     # nested under the training run of the same run directory
     assert run.data.tags["mlflow.parentRunId"] == tracked["runs"]["training"].info.run_id
-    # the logged metrics are the numbers the evaluation wrote to metrics.json
+    # the logged metrics are the numbers the evaluation wrote to metrics.json, named by the split
+    # (test_*); metrics.json keeps the val_* keys as deprecated aliases with the same values
     written = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert set(written) <= set(run.data.metrics)
-    for k, v in written.items():
+    named = {k: v for k, v in written.items() if k.startswith("test_")}
+    assert {"test_ged16", "test_hm_iou16", "test_ged32", "test_hm_iou32"} <= set(named) <= set(run.data.metrics)
+    assert {k for k in written if not k.startswith("test_")} == {"val_" + k.removeprefix("test_") for k in named}
+    assert not [k for k in run.data.metrics if k.startswith("val_")]  # val_* is validation during training only
+    for k, v in named.items():
+        assert written["val_" + k.removeprefix("test_")] == v
         assert run.data.metrics[k] == pytest.approx(v, rel=1e-6), k
         assert _steps(client, rid, k) == [1]
     assert run.data.params["eval_num_samples"] == "32" and run.data.params["eval_split"] == "test"
@@ -241,19 +247,71 @@ def test_evaluation_run_nested_and_fallback(tracked, tmp_path: Path) -> None:
     assert "val_ged32" in csv
 
 
-def test_ui_command_serves_the_run(tracked, tmp_path: Path) -> None:
-    """The printed UI command, run as printed (on a free port), serves runs and artifacts over REST."""
+def _plain_env() -> dict:
+    """The environment of a plain shell: no virtual environment active, the venv's bin not on PATH."""
+    venv_bin = Path(PY).parent.resolve()
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV" and not k.startswith("MLFLOW_")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != venv_bin)
+    return env
+
+
+def test_ui_command_serves_the_run(tracked) -> None:
+    """The printed UI command, run as printed in a plain shell (no venv), serves over REST what the
+    UI shows at the printed runs URL: the experiment, both runs nested, metric histories, params, artifacts."""
+    run_dir, exp_id = tracked["run_dir"], tracked["exp"].experiment_id
+    train_id, eval_id = tracked["runs"]["training"].info.run_id, tracked["runs"]["evaluation"].info.run_id
+    # both runs end by printing the command and the direct URL of the runs view
+    for out in (tracked["train"].stdout, tracked["evaluate"].stdout):
+        assert f"open the MLflow UI: {ui_command(run_dir)}\n" in out
+        assert f"browse the runs: http://127.0.0.1:5000/#/experiments/{exp_id}/runs\n" in out
     port = _free_port()
-    cmd = shlex.split(ui_command(tracked["run_dir"], port=port))
-    assert cmd[:2] == ["mlflow", "ui"]
-    with _server([MLFLOW, *cmd[1:]], port) as (_, url):
-        exp = _rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=hsrdiff_lidc")["experiment"]
-        found = _rest(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    line = ui_command(run_dir, port=port)
+    assert shlex.split(line)[:2] == [MLFLOW, "ui"]  # the venv's own mlflow, by absolute path
+    env = _plain_env()
+    assert shutil.which("mlflow", path=env["PATH"]) != MLFLOW and "VIRTUAL_ENV" not in env
+    with _server(["bash", "-c", "exec " + line], port, env=env) as (_, url):
+        assert runs_url(exp_id, port) == f"{url}/#/experiments/{exp_id}/runs"
+        with urllib.request.urlopen(url + "/", timeout=30) as r:  # the UI page the URL's fragment routes in
+            assert r.status == 200 and b"<html" in r.read(2000).lower()
+        exp = _rest(url, f"/api/2.0/mlflow/experiments/get?experiment_id={exp_id}")["experiment"]
+        assert exp["name"] == "hsrdiff_lidc"
+        found = _rest(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
         by_id = {r["info"]["run_id"]: r for r in found}
-        train_id = tracked["runs"]["training"].info.run_id
-        assert set(by_id) == {train_id, tracked["runs"]["evaluation"].info.run_id}
+        assert set(by_id) == {train_id, eval_id}
+        tags = {rid: {t["key"]: t["value"] for t in r["data"]["tags"]} for rid, r in by_id.items()}
+        assert tags[eval_id]["mlflow.parentRunId"] == train_id and "mlflow.parentRunId" not in tags[train_id]
+        assert tags[train_id]["hsrdiff.role"] == "training" and tags[eval_id]["hsrdiff.role"] == "evaluation"
+        keys = {rid: {m["key"] for m in r["data"]["metrics"]} for rid, r in by_id.items()}
+        assert set(LOSS_KEYS) | set(VAL_KEYS) <= keys[train_id]
+        assert {"test_ged16", "test_hm_iou16", "test_ged32", "eval_kappa_mean"} <= keys[eval_id]
+        assert not [k for k in keys[eval_id] if k.startswith("val_")]
+
+        def history(rid: str, key: str) -> list[int]:
+            q = f"/api/2.0/mlflow/metrics/get-history?run_id={rid}&metric_key={key}"
+            return sorted(int(m["step"]) for m in _rest(url, q)["metrics"])
+
+        for key in LOSS_KEYS:  # one point per iteration
+            assert history(train_id, key) == list(range(1, EPOCHS * ITERS_PER_EPOCH + 1)), key
+        for key in VAL_KEYS:  # one point per validation (val_interval 1)
+            assert history(train_id, key) == list(range(1, EPOCHS + 1)), key
+        assert history(eval_id, "test_ged16") == [1]
         metrics = {m["key"]: m["value"] for m in by_id[train_id]["data"]["metrics"]}
         assert metrics["val_ged16"] == pytest.approx(tracked["runs"]["training"].data.metrics["val_ged16"])
+        params = {rid: {p["key"]: p["value"] for p in r["data"]["params"]} for rid, r in by_id.items()}
+        assert params[train_id]["image_size"] == "32" and params[train_id]["max_epochs"] == str(EPOCHS)
+        assert params[train_id]["resume"] == "False"  # a fresh run says so
+        assert params[eval_id]["eval_split"] == "test" and params[eval_id]["eval_num_samples"] == "32"
+
+        def listing(rid: str, path: str = "") -> set[str]:
+            q = f"/api/2.0/mlflow/artifacts/list?run_id={rid}" + (f"&path={path}" if path else "")
+            return {f["path"] for f in _rest(url, q).get("files", [])}
+
+        assert {"config", "kappa", "model", "samples"} <= listing(train_id)
+        assert {f"kappa/kappa_curve_epoch_{e:04d}.png" for e in range(1, EPOCHS + 1)} <= listing(train_id, "kappa")
+        assert {f"samples/samples_epoch_{e:04d}.png" for e in range(1, EPOCHS + 1)} == listing(train_id, "samples")
+        assert {"model/model.pt", "model/metadata.json"} <= listing(train_id, "model")
+        assert {"eval", "kappa", "samples"} <= listing(eval_id)
+        assert "samples/samples_eval.png" in listing(eval_id, "samples")
         # the artifacts the UI shows come through the same server
         with urllib.request.urlopen(f"{url}/get-artifact?path=kappa/kappa_curve_epoch_0002.png&run_uuid={train_id}", timeout=30) as r:
             img = Image.open(io.BytesIO(r.read()))
@@ -437,3 +495,59 @@ def test_handlers_share_only_their_tracking_run(tracked, tmp_path: Path) -> None
     assert [r.info.run_id for r in runs] == [ours.run_id]  # the stray validation opened no run of its own
     assert [m.value for m in client.get_metric_history(ours.run_id, "val_x")] == [1.0]
     assert _steps(client, ours.run_id, "loss") == [1, 2]
+
+
+def test_sample_grid_marks_empty_readers_on_every_row() -> None:
+    """A reader who drew nothing is marked "(empty)" in whichever row it happens (row 2 here)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    label = torch.ones(3, 4, 8, 8)
+    label[1, 2] = 0  # row 2, annotation 3: empty
+    z = torch.zeros
+    fig = sample_grid_figure(z(3, 1, 8, 8), label, z(3, 4, 8, 8), z(3, 8, 8), z(3, 8, 8), num_samples=2)
+    FigureCanvasAgg(fig).draw()  # the titles render
+    cols = 1 + 4 + 2 + 2
+    titles = [[fig.axes[r * cols + c].get_title() for c in range(cols)] for r in range(3)]
+    assert titles[0][:5] == ["image", "annotation 1", "annotation 2", "annotation 3", "annotation 4"]
+    assert titles[1] == [""] * 3 + ["annotation 3 (empty)"] + [""] * (cols - 4)
+    assert titles[2] == [""] * cols
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts] + [ax.get_title() for ax in fig.axes]
+    assert sum("(empty)" in t for t in texts) == 1
+
+
+def test_kappa_label_is_mathtext() -> None:
+    """κ_φ is typeset as κ with subscript φ (mathtext), not written with a literal underscore."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.mathtext import MathTextParser
+
+    fig = kappa_curve_figure({0: 0.9, 249: 0.2}, num_train_timesteps=250)
+    ax = fig.axes[0]
+    for text in (ax.get_ylabel(), ax.get_title()):
+        assert r"$\kappa_\phi$" in text and "κ_φ" not in text, text
+        MathTextParser("agg").parse(text[text.index("$") :])  # valid mathtext
+    FigureCanvasAgg(fig).draw()
+
+
+def test_description_warns_once(tracked) -> None:
+    """The run description of a SYNTHETIC data set warns once, in both runs (the demo data set's own
+    description opens with the warning; no second one is put in front of it)."""
+    for role in ("training", "evaluation"):
+        note = tracked["client"].get_run(tracked["runs"][role].info.run_id).data.tags["mlflow.note.content"]
+        assert note.startswith("SYNTHETIC images: demo data") and note.count("demo data") == 1, (role, note)
+
+
+def test_demo_resumes_only_a_run_with_checkpoints(tracked, tmp_path: Path) -> None:
+    """scripts/demo.sh passes --resume True only when the run folder holds a resume checkpoint."""
+
+    def resume_args(run_dir: Path) -> str:
+        cmd = ["bash", "-c", 'source scripts/demo.sh && resume_args "$1"', "_", str(run_dir)]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert resume_args(tmp_path / "fresh") == ""
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "fresh" / "checkpoints" / "model.pt").write_bytes(b"")
+    assert resume_args(tmp_path / "fresh") == ""  # only resume checkpoints count
+    assert list((tracked["run_dir"] / "checkpoints").glob("resume_checkpoint_*.pt"))
+    assert resume_args(tracked["run_dir"]) == "--resume True"

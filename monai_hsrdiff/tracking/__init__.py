@@ -15,8 +15,11 @@ from .store import (
     TrackingStore,
     check_tracking_store,
     local_artifact_root,
+    local_runs_url,
     local_tracking_uri,
+    mlflow_command,
     resolve_tracking_store,
+    runs_url,
     ui_command,
 )
 
@@ -35,8 +38,11 @@ __all__ = [
     "is_nonzero_rank",
     "kappa_curve_figure",
     "local_artifact_root",
+    "local_runs_url",
     "local_tracking_uri",
+    "mlflow_command",
     "resolve_tracking_store",
+    "runs_url",
     "sample_grid_figure",
     "scalar_output",
     "ui_command",

@@ -51,10 +51,10 @@ def kappa_curve_figure(
     ax.set_xlim(0, horizon)
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("diffusion step t")
-    ax.set_ylabel("mean κ_φ")
+    ax.set_ylabel(r"mean $\kappa_\phi$")  # mathtext: a subscript, not "κ_φ" with an underscore
     ax.text(0.99, 0.97, "x0 mode favoured", transform=ax.transAxes, ha="right", va="top", fontsize=8, color="0.4")
     ax.text(0.99, 0.03, "ε mode favoured", transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="0.4")
-    ax.set_title(title or "self-regulation parameter κ_φ per step", fontsize=10)
+    ax.set_title(title or r"self-regulation parameter $\kappa_\phi$ per step", fontsize=10)
     return fig
 
 
@@ -82,6 +82,9 @@ def sample_grid_figure(
         pred: (K, N, H, W) sampled masks, {0, 1} (or class labels).
         mean: (K, H, W) per-pixel sample mean (the foreground frequency for binary tasks).
         entropy: (K, H, W) per-pixel entropy of the samples in bits.
+
+    The first row names the columns; an annotation a reader left empty is titled
+    ``annotation <j> (empty)`` in every row.
         num_samples: how many of the N samples to show.
         title: figure title (run, epoch).
 
@@ -120,7 +123,7 @@ def sample_grid_figure(
             ax.imshow(data, interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
+            if r == 0 or name.endswith(" (empty)"):  # column names once; "(empty)" on every row it applies to
                 ax.set_title(name, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

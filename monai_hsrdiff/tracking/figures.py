@@ -81,7 +81,7 @@ class FiguresHandler:
             client.log_batch(run_id, metrics=metrics[i : i + 1000])
         sampler = getattr(engine, "sampler", None) or getattr(getattr(engine, "pipeline", None), "sampler", None)
         fig = kappa_curve_figure(trace, num_train_timesteps=getattr(sampler, "num_train_timesteps", None),
-                                 title=f"mean κ_φ per step: {self._title(suffix)}")  # fmt: skip
+                                 title=rf"mean $\kappa_\phi$ per step: {self._title(suffix)}")  # fmt: skip
         client.log_figure(run_id, fig, f"kappa/kappa_curve_{suffix}.png")
         client.log_dict(run_id, {str(t): float(k) for t, k in sorted(trace.items())}, f"kappa/kappa_trace_{suffix}.json")
 

@@ -35,15 +35,28 @@ from monai.handlers import MLFlowHandler
 
 from .run import TAG, TrackingRun, is_nonzero_rank, logger
 from .run_info import bundle_config, config_params, count_parameters, dataset_info, git_commit
-from .store import _env, ui_command
+from .store import _env, runs_url, ui_command
 
-__all__ = ["HSRDiffMLFlowHandler", "is_nonzero_rank", "scalar_output"]
+__all__ = ["HSRDiffMLFlowHandler", "is_nonzero_rank", "scalar_output", "split_metric_names"]
 
 Role = Literal["training", "validation", "evaluation"]
 ROLES = ("training", "validation", "evaluation")
 #: :class:`TrackingRun` arguments accepted here when ``run`` is given as a run directory
 _RUN_ARGS = ("tracking_uri", "fallback_local", "experiment_name", "task", "datalist", "network", "config", "parent",
              "retry_interval", "check_timeout")  # fmt: skip
+
+
+def split_metric_names(metrics: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """The evaluator's ``val_<metric>`` keys renamed ``<split>_<metric>`` (other keys unchanged).
+
+    The evaluator inside a training and evaluate.json share the metric handlers (named
+    ``val_*``); an evaluation on the split ``test`` logs ``test_ged16``, ``test_hm_iou16``, ...
+
+    Example::
+
+        split_metric_names({"val_ged16": 0.3, "best_metric": 0.3}, "test")  # {'test_ged16': 0.3, 'best_metric': 0.3}
+    """
+    return {(f"{split}_{k[4:]}" if k.startswith("val_") else k): v for k, v in metrics.items()}
 
 
 def scalar_output(keys: Sequence[str]) -> Callable[[Any], dict[str, float]]:
@@ -80,13 +93,15 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         artifacts: files to log when the engine completes: a path, a list of paths (logged at
             the artifact root, as ``MLFlowHandler`` does), or {artifact folder: path(s)}.
             Folders are logged recursively; missing paths are skipped with a warning.
+        split: evaluation role: the data split evaluated (``@eval_split``); the evaluator's
+            ``val_<metric>`` keys are logged as ``<split>_<metric>`` (:func:`split_metric_names`).
         kwargs: ``MLFlowHandler`` options: ``output_transform``, ``iteration_log``,
             ``epoch_log``, ``state_attributes``, ``experiment_param``,
             ``optimizer_param_names``, ``tag_name``, ``global_epoch_transform``.
 
     Logged metric keys: training: the ``output_transform`` keys per iteration (step =
     iteration); validation: ``engine.state.metrics`` (step = trainer epoch); evaluation: the
-    metrics (step 1).
+    metrics named by ``split`` (step 1).
 
     Example::
 
@@ -100,6 +115,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         role: Role = "training",
         run_name: str | None = None,
         artifacts: str | Sequence[str] | Mapping[str, str | Sequence[str]] | None = None,
+        split: str | None = None,
         **kwargs: Any,
     ) -> None:
         if role not in ROLES:
@@ -132,6 +148,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
             )
         self.client = run.client
         self.role = role
+        self.split = split
         self._exit_hook = False
 
     # ---- Ignite events (each tracking call through TrackingRun.guard) ---------------------
@@ -155,6 +172,11 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         if self.cur_run is not None:
             self.run.guard("artifacts", self._log_artifacts, force=True)
 
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self.role == "evaluation" and self.split:
+            metrics = split_metric_names(metrics, self.split)
+        super()._log_metrics(metrics, step)
+
     def close(self) -> None:
         run = self.cur_run
         if run is None:
@@ -165,6 +187,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         print(f"[hsrdiff] MLflow run {run.info.run_id} ({self.role}) {where} {self.run.store.uri}", flush=True)
         if self.run.store.is_local:
             print(f"[hsrdiff] open the MLflow UI: {ui_command(self.run.run_dir)}", flush=True)
+            print(f"[hsrdiff] then browse the runs: {runs_url(run.info.experiment_id)}", flush=True)
 
     # ---- run creation ------------------------------------------------------------------
 
@@ -191,7 +214,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
             tags[TAG + "dataset"] = str(info["dataset_name"])
             tags[TAG + "synthetic"] = str(info["dataset_synthetic"]).lower()
             note = info.get("dataset_description", "")
-            if info["dataset_synthetic"]:
+            if info["dataset_synthetic"] and "SYNTHETIC" not in note:  # the demo's description says it already
                 note = "SYNTHETIC demo data: these metrics say nothing about real CT/MRI. " + note
             tags["mlflow.note.content"] = note
         commit = git_commit()

@@ -30,8 +30,11 @@ __all__ = [
     "TrackingStore",
     "check_tracking_store",
     "local_artifact_root",
+    "local_runs_url",
     "local_tracking_uri",
+    "mlflow_command",
     "resolve_tracking_store",
+    "runs_url",
     "ui_command",
 ]
 
@@ -245,15 +248,37 @@ def resolve_tracking_store(
     return TrackingStore(uri=uri, artifact_location=artifact_location, source=source, is_local=uri == local_uri)
 
 
+def mlflow_command() -> list[str]:
+    """The argv prefix that runs this environment's MLflow from any shell.
+
+    The ``mlflow`` script next to this Python (``<venv>/bin/mlflow``, by absolute path) so the
+    command works in a shell where the virtual environment is not active; when there is no such
+    script, ``<this python> -m mlflow``.
+
+    Example::
+
+        subprocess.run([*mlflow_command(), "--version"])
+    """
+    exe = Path(sys.executable)
+    for name in ("mlflow", "mlflow.exe"):
+        script = exe.parent / name
+        if script.is_file() and os.access(script, os.X_OK):
+            return [script.as_posix()]
+    return [exe.as_posix(), "-m", "mlflow"]
+
+
 def ui_command(run_dir: str | os.PathLike, port: int = 5000) -> str:
     """The shell command that opens the MLflow UI on a run directory's local store.
+
+    It names this environment's MLflow by absolute path (:func:`mlflow_command`), so it works
+    in a plain shell without the virtual environment activated.
 
     Args:
         run_dir: the bundle's run directory (``runs/<task>[_<name>]``).
         port: the UI's port on 127.0.0.1.
 
     Returns:
-        e.g. ``mlflow ui --backend-store-uri sqlite:////abs/runs/lidc_demo/mlflow.db
+        e.g. ``/abs/.venv/bin/mlflow ui --backend-store-uri sqlite:////abs/runs/lidc_demo/mlflow.db
         --default-artifact-root file:///abs/runs/lidc_demo/mlartifacts --host 127.0.0.1 --port 5000``.
         Runs keep their artifact location in the store, so the UI finds the artifacts of
         existing runs; ``--default-artifact-root`` only places experiments created later.
@@ -264,6 +289,30 @@ def ui_command(run_dir: str | os.PathLike, port: int = 5000) -> str:
     """
     root = Path(local_artifact_root(run_dir)).as_uri()
     return (
-        f"mlflow ui --backend-store-uri {shlex.quote(local_tracking_uri(run_dir))} "
+        f"{shlex.join(mlflow_command())} ui --backend-store-uri {shlex.quote(local_tracking_uri(run_dir))} "
         f"--default-artifact-root {shlex.quote(root)} --host 127.0.0.1 --port {int(port)}"
     )
+
+
+def runs_url(experiment_id: str | int, port: int = 5000, host: str = "127.0.0.1") -> str:
+    """The UI address of an experiment's runs table, ``http://<host>:<port>/#/experiments/<id>/runs``.
+
+    MLflow 3 opens an experiment on a GenAI overview page (traces) without the runs; this
+    address goes straight to the runs.
+
+    Example::
+
+        runs_url("1")  # 'http://127.0.0.1:5000/#/experiments/1/runs'
+    """
+    return f"http://{host}:{int(port)}/#/experiments/{experiment_id}/runs"
+
+
+def local_runs_url(run_dir: str | os.PathLike, experiment_name: str, port: int = 5000) -> str | None:
+    """:func:`runs_url` of ``experiment_name`` in a run directory's local store (None when it has none)."""
+    db = Path(run_dir).resolve() / DB_NAME
+    if not db.is_file():
+        return None
+    import mlflow
+
+    exp = mlflow.MlflowClient(tracking_uri=local_tracking_uri(run_dir)).get_experiment_by_name(experiment_name)
+    return runs_url(exp.experiment_id, port) if exp is not None else None
