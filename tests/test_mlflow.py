@@ -40,6 +40,7 @@ from monai_hsrdiff.tracking import (
     local_artifact_root,
     local_tracking_uri,
     resolve_tracking_store,
+    local_runs_url,
     runs_url,
     sample_grid_figure,
     ui_command,
@@ -264,6 +265,9 @@ def test_ui_command_serves_the_run(tracked) -> None:
     for out in (tracked["train"].stdout, tracked["evaluate"].stdout):
         assert f"open the MLflow UI: {ui_command(run_dir)}\n" in out
         assert f"browse the runs: http://127.0.0.1:5000/#/experiments/{exp_id}/runs\n" in out
+    # what scripts/demo.sh prints: the same address, found in the run folder's store
+    assert local_runs_url(run_dir, "hsrdiff_lidc") == runs_url(exp_id)
+    assert local_runs_url(run_dir, "no_such_experiment") is None and local_runs_url(run_dir.parent / "none", "x") is None
     port = _free_port()
     line = ui_command(run_dir, port=port)
     assert shlex.split(line)[:2] == [MLFLOW, "ui"]  # the venv's own mlflow, by absolute path
