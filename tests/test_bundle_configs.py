@@ -137,6 +137,7 @@ def test_tracking_settings_written_once(task: str) -> None:
         for f, config in configs.items()
         for cid, v in config.items()
         if cid.endswith("#_target_") and str(v).startswith("monai_hsrdiff.tracking.") and cid != "tracking_run#_target_"
+        and "#served_model#" not in cid  # the training handler's model to register, not a handler
     }
     assert sorted(set(handlers.values())) == ["monai_hsrdiff.tracking.FiguresHandler", "monai_hsrdiff.tracking.HSRDiffMLFlowHandler"]
     assert len(handlers) == 5  # training, validation (+ figures), evaluation (+ figures)

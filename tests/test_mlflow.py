@@ -555,3 +555,34 @@ def test_demo_resumes_only_a_run_with_checkpoints(tracked, tmp_path: Path) -> No
     assert resume_args(tmp_path / "fresh") == ""  # only resume checkpoints count
     assert list((tracked["run_dir"] / "checkpoints").glob("resume_checkpoint_*.pt"))
     assert resume_args(tracked["run_dir"]) == "--resume True"
+
+
+def test_training_registers_its_model(tracked, tmp_path: Path) -> None:
+    """The best checkpoint of a training is an MLflow model in the Model Registry, named after the
+    experiment, tagged with its validation GED, with the network and sampler of the run (issue 18)."""
+    import mlflow
+
+    client, rid = tracked["client"], tracked["runs"]["training"].info.run_id
+    versions = sorted((v for v in client.search_model_versions("name = 'hsrdiff_lidc'") if v.run_id == rid), key=lambda v: int(v.version))
+    assert versions, client.search_model_versions("")
+    # the fixture's training registered the first version; a resumed training (another test) continues the
+    # run, logs a new model/model.pt and registers its own version: the last one goes with that artifact
+    first, last = versions[0], versions[-1]
+    history = client.get_metric_history(rid, "val_ged16")
+    for v, points in ((first, [m for m in history if m.step <= EPOCHS]), (last, history)):
+        best = min(points, key=lambda m: (m.value, m.step))
+        assert float(v.tags["val_ged16"]) == pytest.approx(best.value, rel=1e-5) and v.tags["val_epoch"] == str(best.step)
+    out = tracked["train"].stdout
+    assert f"registered MLflow model hsrdiff_lidc version {first.version} (val_ged16 " in out
+    assert f"{MLFLOW} models serve -m models:/hsrdiff_lidc/{first.version} --env-manager local" in out
+    with mlflow.tracking._tracking_service.utils._use_tracking_uri(local_tracking_uri(tracked["run_dir"])):  # + the registry
+        model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/hsrdiff_lidc/{last.version}", dst_path=str(tmp_path / "m")))
+    # its weights are the run's model/model.pt (the bundle's model file, still logged as before)
+    bundle_file = Path(client.download_artifacts(rid, "model/model.pt", str(tmp_path)))
+    a, b = (torch.load(p, weights_only=True) for p in (bundle_file, model_dir / "artifacts" / "model.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    settings = json.loads((model_dir / "artifacts" / "settings.json").read_text())
+    params = client.get_run(rid).data.params
+    assert settings["network"]["channels"] == [8, 8, 16] and settings["image_size"] == 32
+    assert (settings["sampler"], settings["num_inference_steps"], settings["num_samples"]) == (
+        params["val_sampler"], VAL_STEPS, int(params["val_num_samples"]))

@@ -93,6 +93,9 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         artifacts: files to log when the engine completes: a path, a list of paths (logged at
             the artifact root, as ``MLFlowHandler`` does), or {artifact folder: path(s)}.
             Folders are logged recursively; missing paths are skipped with a warning.
+        served_model: training role: a :class:`~monai_hsrdiff.tracking.pyfunc_model.ServedModel`
+            (train.json ``served_model``): at the end it logs the best checkpoint as an MLflow
+            model and registers it with its validation GED as a tag; a failure only warns.
         split: evaluation role: the data split evaluated (``@eval_split``); the evaluator's
             ``val_<metric>`` keys are logged as ``<split>_<metric>`` (:func:`split_metric_names`).
         kwargs: ``MLFlowHandler`` options: ``output_transform``, ``iteration_log``,
@@ -115,6 +118,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         role: Role = "training",
         run_name: str | None = None,
         artifacts: str | Sequence[str] | Mapping[str, str | Sequence[str]] | None = None,
+        served_model: Any = None,
         split: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -147,6 +151,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
                 **kwargs,
             )
         self.client = run.client
+        self.served_model = served_model
         self.role = role
         self.split = split
         self._exit_hook = False
@@ -288,3 +293,8 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
                     self.client.log_artifact(run_id, p, folder or None)
                 else:
                     logger.warning(f"MLflow tracking: artifact {p} does not exist; not logged")
+        if self.served_model is not None:  # the best checkpoint as a registered MLflow model (pyfunc_model.py)
+            version = self.run.guard("registered model", self.served_model.log_training_run,
+                                     self.run.store.uri, run_id, self.run.experiment_name, force=True)  # fmt: skip
+            if version is not None:
+                print(f"[hsrdiff] {self.served_model.describe(version, self.run.store.uri)}", flush=True)
