@@ -143,3 +143,15 @@ def test_tracking_settings_written_once(task: str) -> None:
     assert len(handlers) == 5  # training, validation (+ figures), evaluation (+ figures)
     for f, item in handlers:
         assert configs[f][item + "#run"] == "@tracking_run" and configs[f][item + "#_disabled_"] == "@tracking_disabled"
+
+
+@pytest.mark.parametrize("task", ["lidc", "ms_lesion"])
+@pytest.mark.parametrize("name", ["train", "evaluate", "inference", "multi_gpu_train"])
+def test_seed_set_before_the_network_is_built(task: str, name: str) -> None:
+    """torch's start-up seed is random per process: the network (built by the first initialize
+    entry that references it) must be initialised after set_determinism, or the demo's weights,
+    and so its metrics, differ from run to run for the same seed."""
+    steps = json.loads((REPO / "bundles" / task / f"{name}.json").read_text())["initialize"]
+    seeded = next(i for i, s in enumerate(steps) if "set_determinism" in s)
+    builds = [i for i, s in enumerate(steps) if "@network" in s]
+    assert builds and seeded < min(builds), steps
