@@ -248,6 +248,77 @@ def test_loss_terms_by_hand(process):
     )
 
 
+def test_unification_weightings_by_hand(process):
+    """x0: L_u = ‖x0 - x̂0‖² of the fused estimate; normalized: ‖κa + (1-κ)b‖²/‖a - b‖²."""
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randint(0, 2, (2, 1, 4, 4), generator=g).double() * 2 - 1
+    noise = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps_hat = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    x_hat = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 200])
+    kappa = 0.3
+    xt = process.q_sample(x0, t, noise)
+    fused = kappa * x_hat + (1 - kappa) * process.predict_x0_from_eps(xt, t, eps_hat)
+    x0_space = SelfRegulatedDiffusion(process.schedule, unification_weighting="x0")
+    terms = x0_space.training_losses(Oracle(x_hat, eps_hat, kappa), x0, None, t=t, noise=noise)
+    assert terms.loss_u.item() == pytest.approx((x0 - fused).pow(2).mean().item(), rel=1e-6)
+    normalized = SelfRegulatedDiffusion(process.schedule, unification_weighting="normalized")
+    terms = normalized.training_losses(Oracle(x_hat, eps_hat, kappa), x0, None, t=t, noise=noise)
+    a = x_hat - x0  # in x0 space; the common μ̃ coefficient cancels in the ratio
+    b = process.predict_x0_from_eps(xt, t, eps_hat) - x0
+    ratio = (kappa * a + (1 - kappa) * b).pow(2).flatten(1).mean(1) / (a - b).pow(2).flatten(1).mean(1)
+    assert terms.loss_u.item() == pytest.approx(ratio.mean().item(), rel=1e-6)
+
+
+class _Linear(nn.Module):
+    """ε_θ, x_θ and κ from three scalar parameters, to see which ones L_u's gradient reaches."""
+
+    out_channels = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Parameter(torch.tensor(0.1, dtype=torch.float64))
+        self.x = nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+        self.k = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+
+    def forward(self, x, timesteps, condition=None, condition_features=None):
+        return Out(self.e * x, self.x * x, torch.sigmoid(self.k).expand(x.shape[0]))
+
+
+@pytest.mark.parametrize("weighting", ["paper", "eps", "x0", "normalized"])
+def test_unification_detach_trains_only_kappa(process, weighting):
+    x0 = torch.tensor([1.0, -1.0], dtype=torch.float64).reshape(2, 1, 1, 1).expand(2, 1, 4, 4).contiguous()
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    t = torch.tensor([10, 240])
+    for detach in (False, True):
+        proc = SelfRegulatedDiffusion(process.schedule, unification_weighting=weighting, unification_detach=detach)
+        net = _Linear()
+        out = net(proc.q_sample(x0, t, noise), t)
+        loss_u = proc.unification_loss(out, x0, proc.q_sample(x0, t, noise), t)
+        loss_u.backward()
+        assert net.k.grad is not None and abs(net.k.grad.item()) > 0, (weighting, detach)
+        reaches_heads = net.e.grad is not None and abs(net.e.grad.item()) > 0
+        assert reaches_heads == (not detach), (weighting, detach)
+
+
+def test_unification_loss_reaches_the_kappa_head(process):
+    """L_u is the only loss of C_1, C_2 and Phi: every κ-head parameter gets a gradient from it."""
+    net = tiny_net("srdiff")
+    x0 = torch.randint(0, 2, (4, 1, 16, 16), generator=torch.Generator().manual_seed(9)).float() * 2 - 1
+    c = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(10))
+    for weighting in ("paper", "normalized"):
+        net.zero_grad()
+        proc = SelfRegulatedDiffusion(process.schedule, unification_weighting=weighting, unification_detach=True)
+        terms = proc.training_losses(net, x0, c, t=torch.tensor([5, 60, 150, 240]), generator=torch.Generator().manual_seed(1))
+        terms.loss.backward()
+        grads = [p.grad for p in net.kappa_head.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), weighting
+        net.zero_grad()
+        terms = proc.training_losses(net, x0, c, t=torch.tensor([5, 60, 150, 240]), generator=torch.Generator().manual_seed(1))
+        (terms.loss - proc.lambda_u * terms.loss_u).backward()
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.kappa_head.parameters()), weighting
+
+
 def test_unification_default_on_only_for_srdiff(process):
     x0 = torch.ones(2, 1, 16, 16)
     c = torch.zeros(2, 1, 16, 16)
@@ -284,7 +355,7 @@ def test_training_losses_bad_input(process):
         process.training_losses(net, torch.ones(2, 1, 16, 16), torch.zeros(3, 1, 16, 16))
     with pytest.raises(ValueError, match="dual_weight"):
         SelfRegulatedDiffusion(dual_weight=1.5)
-    with pytest.raises(ValueError, match="unification_weighting"):
+    with pytest.raises(ValueError, match="unification_weighting must be one of paper, eps, x0, normalized"):
         SelfRegulatedDiffusion(unification_weighting="snr")
 
 

@@ -20,7 +20,10 @@ import torch.nn as nn
 
 from monai_hsrdiff.diffusion.schedule import DiffusionSchedule
 
-__all__ = ["DiffusionLossOutput", "ModelOutput", "PMean", "SelfRegulatedDiffusion", "resolve_kappa"]
+__all__ = ["DiffusionLossOutput", "ModelOutput", "PMean", "SelfRegulatedDiffusion", "UNIFICATION_WEIGHTINGS", "resolve_kappa"]
+
+#: Per-item weightings of the unification loss L_u (see :class:`SelfRegulatedDiffusion`).
+UNIFICATION_WEIGHTINGS = ("paper", "eps", "x0", "normalized")
 
 
 class ModelOutput(Protocol):
@@ -114,7 +117,14 @@ class SelfRegulatedDiffusion:
             for ``dual``, ``eps`` and ``x0`` it is off unless set to ``True``.
         unification_weighting: ``"paper"`` uses ‖μ̃ - μ_θ‖² as printed (tiny at most t);
             ``"eps"`` divides each item's L_u by c_t² with c_t = β_t/(sqrt(1-ᾱ_t) sqrt(1-β_t)),
-            the ε-space equivalent (for κ=0, μ̃ - μ_eps = c_t (ε - ε_θ)).
+            the ε-space equivalent (for κ=0, μ̃ - μ_eps = c_t (ε - ε_θ)); ``"x0"`` divides by
+            the x0 coefficient of μ̃ squared, so L_u = ‖x0 - x̂0‖² of the fused estimate;
+            ``"normalized"`` divides by ‖μ_x - μ_eps‖² (detached), which makes every timestep
+            weigh the same in κ's training whatever the scale of the two modes' disagreement.
+            The optimal κ of one item at one t does not depend on the weighting (a common
+            factor); the weighting decides which timesteps dominate κ's gradient.
+        unification_detach: detach ε_θ and x_θ inside L_u, so that L_u trains only the κ path
+            (as Benny & Wolf train their interpolation weight) and L_d alone trains the heads.
 
     Example::
 
@@ -131,13 +141,15 @@ class SelfRegulatedDiffusion:
         lambda_d: float = 1.0,
         lambda_u: float = 1.0,
         unification: bool | None = None,
-        unification_weighting: Literal["paper", "eps"] = "paper",
+        unification_weighting: Literal["paper", "eps", "x0", "normalized"] = "paper",
+        unification_detach: bool = False,
     ) -> None:
         if not 0.0 <= float(dual_weight) <= 1.0:
             raise ValueError(f"SelfRegulatedDiffusion: dual_weight must lie in [0, 1], got {dual_weight!r}.")
-        if unification_weighting not in ("paper", "eps"):
+        if unification_weighting not in UNIFICATION_WEIGHTINGS:
             raise ValueError(
-                f"SelfRegulatedDiffusion: unification_weighting must be 'paper' or 'eps', got {unification_weighting!r}."
+                f"SelfRegulatedDiffusion: unification_weighting must be one of {', '.join(UNIFICATION_WEIGHTINGS)}, "
+                f"got {unification_weighting!r}."
             )
         if lambda_d < 0 or lambda_u < 0:
             raise ValueError(
@@ -150,6 +162,7 @@ class SelfRegulatedDiffusion:
         self.lambda_u = float(lambda_u)
         self.unification = unification
         self.unification_weighting = unification_weighting
+        self.unification_detach = bool(unification_detach)
 
     @property
     def num_timesteps(self) -> int:
@@ -333,16 +346,50 @@ class SelfRegulatedDiffusion:
         use_u = out.kappa is not None if self.unification is None else self.unification
         loss_u = None
         if use_u:
-            mu_true, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
-            mu_theta = self.p_mean(out, x_t, t, clip_x0=False).mean
-            per_item = _per_item_mse(mu_true, mu_theta)
-            if self.unification_weighting == "eps":
-                per_item = per_item / self.schedule.extract("eps_mean_coef_eps", t, per_item).pow(2)
-            loss_u = per_item.mean()
+            loss_u = self.unification_loss(out, x0, x_t, t)
 
         loss = self.lambda_d * loss_d + (self.lambda_u * loss_u if loss_u is not None else zero)
         kappa = out.kappa.detach().float().mean() if out.kappa is not None else None
         return DiffusionLossOutput(loss, loss_x0, loss_eps, loss_u, kappa, t)
+
+
+    def unification_loss(self, out: ModelOutput, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """L_u = ‖μ̃ - μ_θ‖² (paper Eq. 9), weighted per item as ``unification_weighting`` says.
+
+        Args:
+            out: the network's output at (x_t, t); ``eps`` and ``x0`` are detached first when
+                ``unification_detach`` is set.
+            x0, x_t: (B, M, *spatial) clean and noisy labels. t: (B,) long timesteps.
+
+        Returns:
+            the scalar mean over the batch of the per-item weighted squared error.
+        """
+        if self.unification_detach:
+            out = _Detached(
+                out.eps.detach() if out.eps is not None else None,
+                out.x0.detach() if out.x0 is not None else None,
+                out.kappa,
+            )
+        mu_true, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
+        mu_theta = self.p_mean(out, x_t, t, clip_x0=False).mean
+        per_item = _per_item_mse(mu_true, mu_theta)
+        weighting = self.unification_weighting
+        if weighting == "eps":
+            per_item = per_item / self.schedule.extract("eps_mean_coef_eps", t, per_item).pow(2)
+        elif weighting == "x0":
+            per_item = per_item / self.schedule.extract("posterior_mean_coef_x0", t, per_item).pow(2)
+        elif weighting == "normalized":
+            if out.eps is None or out.x0 is None:
+                raise ValueError("SelfRegulatedDiffusion: unification_weighting='normalized' needs both eps and x0 heads.")
+            gap = _per_item_mse(self.mu_from_x0(x_t, t, out.x0), self.mu_from_eps(x_t, t, out.eps)).detach()
+            per_item = per_item / gap.clamp_min(1e-12)
+        return per_item.mean()
+
+
+class _Detached(NamedTuple):
+    eps: torch.Tensor | None
+    x0: torch.Tensor | None
+    kappa: torch.Tensor | None
 
 
 def _gen_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
