@@ -106,15 +106,19 @@ def build_network(row: str) -> torch.nn.Module:
     return get_preset("hsrdiff_light", in_channels=1, out_channels=1, **LIGHT_DEMO_NET, **ROWS[row]["net"])
 
 
-def train_row(row: str, seed: int, datalist: Path, iterations: int, batch_size: int, lr: float) -> tuple[torch.nn.Module, dict]:
-    """Train one ablation row with HSRDiffTrainer (Algorithm 1: one random annotation per draw)."""
+def train_row(row: str, seed: int, datalist: Path, iterations: int, batch_size: int, lr: float,
+              proc: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict]:  # fmt: skip
+    """Train one ablation row with HSRDiffTrainer (Algorithm 1: one random annotation per draw).
+
+    ``proc`` replaces the row's :class:`SelfRegulatedDiffusion` arguments (``benchmarks/kappa.py``).
+    """
     from monai.data import DataLoader
     from monai.utils import set_determinism
     from ignite.engine import Events
 
     set_determinism(seed)
     net = build_network(row)
-    process = SelfRegulatedDiffusion(**ROWS[row]["proc"])
+    process = SelfRegulatedDiffusion(**(ROWS[row]["proc"] if proc is None else proc))
     transforms = train_transforms()
     transforms.set_random_state(seed)
     ds = get_dataset(load_datalist(datalist, "training"), transforms=transforms, cache=True)
