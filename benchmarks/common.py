@@ -30,6 +30,7 @@ __all__ = [
     "interleaved_medians",
     "machine_info",
     "markdown_table",
+    "paired_bootstrap_ci",
     "write_results",
 ]
 
@@ -139,3 +140,25 @@ def write_results(stem: str | os.PathLike, title: str, tables_md: str, data: dic
     )
     atomic_write_text(stem.with_suffix(".json"), json.dumps(data, indent=1, default=str) + "\n")
     return atomic_write_text(stem.with_suffix(".md"), md)
+
+
+def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], num_resamples: int = 10_000, level: float = 0.95,
+                        seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
+    """Mean of the paired differences a - b and its percentile bootstrap confidence interval.
+
+    Pairs (the same item, seed and sampling noise scored under two settings) are resampled together,
+    so the interval reflects the settings' difference, not the spread between items.
+
+    Returns:
+        (mean difference, lower bound, upper bound).
+    """
+    import numpy as np
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.ndim != 1 or d.size < 2:
+        raise ValueError(f"paired_bootstrap_ci: needs two equal-length 1-D sequences of >= 2 pairs, got {d.shape}.")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(num_resamples, d.size))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(d.mean()), float(lo), float(hi)

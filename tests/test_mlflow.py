@@ -586,3 +586,23 @@ def test_training_registers_its_model(tracked, tmp_path: Path) -> None:
     assert settings["network"]["channels"] == [8, 8, 16] and settings["image_size"] == 32
     assert (settings["sampler"], settings["num_inference_steps"], settings["num_samples"]) == (
         params["val_sampler"], VAL_STEPS, int(params["val_num_samples"]))
+
+
+def test_readme_images_come_from_the_evaluation_run(tracked, tmp_path: Path) -> None:
+    """scripts/readme_images.py copies the evaluation run's own figures, byte for byte, and --check sees a change."""
+    out = tmp_path / "img"
+    cmd = [PY, str(REPO / "scripts" / "readme_images.py"), "--run-dir", str(tracked["run_dir"]), "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    eval_id = tracked["runs"]["evaluation"].info.run_id
+    for artifact, name in (("samples/samples_eval.png", "samples"), ("kappa/kappa_curve_eval.png", "kappa")):
+        logged = Path(tracked["client"].download_artifacts(eval_id, artifact, str(tmp_path / name)))
+        assert (out / f"demo_lidc_{name}.png").read_bytes() == logged.read_bytes()
+    assert f"run {eval_id}: test_ged16 " in done.stdout
+    assert subprocess.run([*cmd, "--check"], cwd=REPO, capture_output=True, timeout=120).returncode == 0
+    (out / "demo_lidc_kappa.png").write_bytes(b"stale")
+    check = subprocess.run([*cmd, "--check"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and "DIFFERS" in check.stdout and (out / "demo_lidc_kappa.png").read_bytes() == b"stale"
+    missing = subprocess.run([*cmd[:3], str(tmp_path / "nothing"), "--out", str(out)], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert missing.returncode != 0 and "mlflow.db does not exist" in missing.stderr
