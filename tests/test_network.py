@@ -16,6 +16,7 @@ from monai_hsrdiff.networks import (
     hsrdiff,
     hsrdiff_light,
 )
+from monai_hsrdiff.networks.hsrdiff import TABLE6_ROWS
 from monai_hsrdiff.networks.presets import PAPER_PARAMETERS
 
 TINY = {"channels": (8, 16), "attention_levels": (False, True), "norm_num_groups": 4, "num_head_channels": 8}
@@ -45,15 +46,19 @@ def test_output_shapes_and_absent_heads(prediction, condition, m):
     x, t, c = inputs(batch=3, in_channels=2, out_channels=m)
     out = net(x, t, condition=c)
     assert isinstance(out, HSRDiffOutput)
+    dynamic = prediction == "dynamic"
     has_eps, has_x = prediction in ("srdiff", "dual", "eps"), prediction in ("srdiff", "dual", "x0")
-    assert (out.eps is not None) == has_eps and (net.eps_decoder is not None) == has_eps
-    assert (out.x0 is not None) == has_x and (net.x_decoder is not None) == has_x
+    assert (out.eps is not None) == (has_eps or dynamic) and (net.eps_decoder is not None) == has_eps
+    assert (out.x0 is not None) == (has_x or dynamic) and (net.x_decoder is not None) == has_x
+    assert (net.dual_decoder is not None) == dynamic and (net.dual_head is not None) == dynamic
     for y in (out.eps, out.x0):
         if y is not None:
             assert y.shape == (3, m, 16, 16) and torch.isfinite(y).all()
-    if prediction == "srdiff":
-        assert out.kappa is not None and out.kappa.shape == (3,)
+    if prediction in ("srdiff", "dynamic"):
+        # srdiff: one kappa per item; dynamic (Benny & Wolf): one weight per pixel, shared by the M channels
+        assert out.kappa is not None and out.kappa.shape == ((3,) if prediction == "srdiff" else (3, 1, 16, 16))
         assert ((out.kappa > 0) & (out.kappa < 1)).all()
+        assert (net.kappa_head is not None) == (prediction == "srdiff")
     else:
         assert out.kappa is None and net.kappa_head is None
     assert (net.condition_encoder is None) == (condition == "none")
@@ -73,6 +78,66 @@ def test_absent_parts_cost_no_parameters():
     # condition="none" has no E_c, and M fuses C_L instead of 2 C_L channels
     none = tiny(condition="none")
     assert full.num_parameters() - none.num_parameters() > n_params(full.condition_encoder)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_table6_rows_build_their_parts(m):
+    """Each row of the paper's Table 6 builds exactly its parts: parameter counts per mode in closed form."""
+    nets = {row: tiny(out_channels=m, **switches) for row, switches in TABLE6_ROWS.items()}
+    assert list(nets) == ["eps_none", "eps_global", "eps_hier", "dual_nomix", "dynamic", "srdiff"]  # the paper's order
+    count = {row: net.num_parameters() for row, net in nets.items()}
+    c1, c2 = TINY["channels"]
+    parts = ("condition_encoder", "eps_decoder", "eps_head", "x_decoder", "x_head", "dual_decoder", "dual_head",
+             "kappa_head")  # fmt: skip
+    built = {row: {name for name in parts if getattr(net, name) is not None} for row, net in nets.items()}
+    assert built == {
+        "eps_none": {"eps_decoder", "eps_head"},
+        "eps_global": {"condition_encoder", "eps_decoder", "eps_head"},
+        "eps_hier": {"condition_encoder", "eps_decoder", "eps_head"},
+        "dual_nomix": {"condition_encoder", "eps_decoder", "eps_head", "x_decoder", "x_head"},
+        "dynamic": {"condition_encoder", "dual_decoder", "dual_head"},
+        "srdiff": {"condition_encoder", "eps_decoder", "eps_head", "x_decoder", "x_head", "kappa_head"},
+    }
+    # 1 -> 2: E_c, and M fuses concat(E_d, f_g): its first 3x3 conv sees C_L more inputs, plus the
+    # 1x1 shortcut (2 C_L -> C_L) that the wider input needs, plus GroupNorm affine over 2 C_L
+    fuse_extra = c2 * c2 * 9 + (2 * c2 * c2 + c2) + 2 * c2
+    assert count["eps_global"] - count["eps_none"] == n_params(nets["eps_global"].condition_encoder) + fuse_extra
+    # 2 -> 3: F_h into the decoder: at each level the first resnet sees C_k more inputs
+    # (3x3 conv C_k*C_k*9, the 1x1 shortcut C_k*C_k, GroupNorm affine 2 C_k)
+    assert count["eps_hier"] - count["eps_global"] == sum(ck * ck * 9 + ck * ck + 2 * ck for ck in (c1, c2))
+    # 3 -> 4: a second decoder and head, same size as the first
+    hier = nets["eps_hier"]
+    assert count["dual_nomix"] - count["eps_hier"] == n_params(hier.eps_decoder) + n_params(hier.eps_head)
+    # 3 -> 5: Benny & Wolf add only output channels to the last layer: M (x0) + 1 (weight) more
+    # outputs of a 3x3 conv over C_1 channels, each 9 C_1 weights and a bias
+    assert count["dynamic"] - count["eps_hier"] == (m + 1) * (9 * c1 + 1)
+    assert n_params(nets["dynamic"].dual_decoder) == n_params(hier.eps_decoder)
+    # 4 -> 6: the self-regulation head C_1, C_2, Phi (two 3x3 convs C_1 -> C_1, Phi, Linear -> 2)
+    kappa_head = nets["srdiff"].kappa_head
+    assert count["srdiff"] - count["dual_nomix"] == n_params(kappa_head)
+    assert n_params(kappa_head.c1) == n_params(kappa_head.c2) == c1 * c1 * 9 + c1
+
+
+def test_dynamic_head_is_one_last_layer_with_a_sigmoid_weight():
+    """eps, x0 and the weight logit are the 2M + 1 channels of one convolution; the weight is its sigmoid."""
+    torch.manual_seed(0)
+    m = 2
+    net = tiny(out_channels=m, prediction="dynamic").eval()
+    x, t, c = inputs(batch=2, out_channels=m)
+    captured = {}
+    net.dual_head.conv.register_forward_hook(lambda mod, inp, output: captured.update(raw=output))
+    with torch.no_grad():
+        out = net(x, t, condition=c)
+    raw = captured["raw"]
+    assert raw.shape == (2, 2 * m + 1, 16, 16)
+    torch.testing.assert_close(out.eps, raw[:, :m], rtol=0, atol=0)
+    torch.testing.assert_close(out.x0, raw[:, m : 2 * m], rtol=0, atol=0)
+    torch.testing.assert_close(out.kappa, 1.0 / (1.0 + torch.exp(-raw[:, 2 * m :])), rtol=1e-6, atol=1e-7)
+    assert out.kappa.std() > 0  # a weight per pixel, not one per item
+    # the same parts in 3D
+    net3d = HSRDiff(spatial_dims=3, in_channels=2, out_channels=1, prediction="dynamic", **TINY)
+    out3d = net3d(torch.randn(1, 1, 8, 8, 8), torch.tensor([3]), condition=torch.randn(1, 2, 8, 8, 8))
+    assert out3d.eps.shape == out3d.x0.shape == out3d.kappa.shape == (1, 1, 8, 8, 8)
 
 
 def test_kappa_strictly_inside_unit_interval_for_extreme_inputs():

@@ -13,6 +13,8 @@ eps_decoder        D_eps: decoder of the noise-prediction path, output feature f
 x_decoder          D_x: decoder of the label-prediction path, output feature f_x
 eps_head, x_head   C_eps, C_x: convolutional heads giving eps_theta and x_theta
 kappa_head         C_1, C_2 and Phi of Eq. 7: kappa = softmax(Phi(C_1(f_eps) + C_2(f_x)))[0]
+dual_decoder       prediction="dynamic" only: the ONE decoder of Benny & Wolf's dual output
+dual_head          its last layer, 2M + 1 channels: eps, x0 and the logit of a per-pixel weight
 =================  =====================================================================
 
 Everything is built from MONAI blocks: ``DiffusionUNetResnetBlock``, ``DownBlock`` /
@@ -44,17 +46,30 @@ from torch import nn
 __all__ = [
     "CONDITIONS",
     "PREDICTIONS",
+    "TABLE6_ROWS",
     "ConditionEncoder",
+    "DualOutputHead",
     "HSRDiff",
     "HSRDiffDecoder",
     "HSRDiffOutput",
     "SelfRegulationHead",
 ]
 
-#: ``prediction`` modes (paper Table 6): both paths + kappa, both paths with a fixed mix, one path only.
-PREDICTIONS = ("srdiff", "dual", "eps", "x0")
+#: ``prediction`` modes (paper Table 6): both paths + kappa; both paths, no learned mix; one path
+#: only; Benny & Wolf's dynamic dual output (one decoder, eps / x0 / per-pixel weight heads).
+PREDICTIONS = ("srdiff", "dual", "eps", "x0", "dynamic")
 #: ``condition`` modes (paper Table 6): F_h into the decoders, f_g only, no condition.
 CONDITIONS = ("hierarchical", "global", "none")
+#: The six rows of the paper's Table 6 as network switches, in the paper's order (docs/network.md).
+#: How each row is trained and sampled (L_u, the mix) is set in ``benchmarks/quality.py``.
+TABLE6_ROWS: dict[str, dict[str, str]] = {
+    "eps_none": {"prediction": "eps", "condition": "none"},  # 1: eps
+    "eps_global": {"prediction": "eps", "condition": "global"},  # 2: eps + f_g
+    "eps_hier": {"prediction": "eps", "condition": "hierarchical"},  # 3: eps + f_g + F_h
+    "dual_nomix": {"prediction": "dual", "condition": "hierarchical"},  # 4: eps & x0, no learned mix
+    "dynamic": {"prediction": "dynamic", "condition": "hierarchical"},  # 5: + Benny & Wolf's dual output
+    "srdiff": {"prediction": "srdiff", "condition": "hierarchical"},  # 6: SRDiff
+}
 
 
 def conv3x3(spatial_dims: int, in_channels: int, out_channels: int) -> Convolution:
@@ -71,8 +86,10 @@ class HSRDiffOutput:
             (``prediction="x0"``).
         x0: (B, M, *spatial) predicted label x_theta in label units (the {-1, +1} scale); None when
             the network has no x0 path (``prediction="eps"``).
-        kappa: (B,) self-regulating parameter kappa_phi in (0, 1), the weight of the x0-mode mean
-            mu_x (paper Eq. 8); only for ``prediction="srdiff"``, None otherwise.
+        kappa: weight of the x0-mode mean mu_x in (0, 1) (paper Eq. 8): (B,) kappa_phi for
+            ``prediction="srdiff"``; (B, 1, *spatial), one weight per pixel shared by the M label
+            channels, for ``prediction="dynamic"`` (Benny & Wolf's interpolation weight); None
+            otherwise.
     """
 
     eps: torch.Tensor | None
@@ -351,6 +368,42 @@ class SelfRegulationHead(nn.Module):
         return torch.softmax(logits, dim=1)[:, 0]
 
 
+class DualOutputHead(nn.Module):
+    """The last layer of Benny & Wolf's dynamic dual-output model (CVPR 2022), on one decoder's feature.
+
+    GroupNorm, SiLU and ONE 3x3 convolution with 2M + 1 output channels: eps_theta (M), x_theta
+    (M) and the logit of the interpolation weight (1), which a sigmoid maps into (0, 1). Their
+    model differs from a plain one only by these extra output channels of the last layer, so the
+    three outputs share every other parameter; HSRDiff criticises exactly this sharing (the
+    two modes decoded with shared parameters, the weight not computed from the predictions).
+
+    Args:
+        spatial_dims: number of spatial dimensions, 2 or 3.
+        in_channels: channels of the decoder feature (C_1).
+        out_channels: label channels M.
+        norm_num_groups: groups of the GroupNorm.
+        norm_eps: epsilon of the GroupNorm.
+
+    Returns (forward):
+        eps (B, M, *spatial), x0 (B, M, *spatial), kappa (B, 1, *spatial) in (0, 1): the
+        per-pixel weight of the x0 mode (of mu_x in DDPM, of x_theta in DDIM's fused x0).
+    """
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int, norm_num_groups: int = 32, norm_eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.norm = nn.GroupNorm(num_groups=norm_num_groups, num_channels=in_channels, eps=norm_eps, affine=True)
+        self.act = nn.SiLU()
+        self.conv = conv3x3(spatial_dims, in_channels, 2 * out_channels + 1)
+
+    def forward(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.conv(self.act(self.norm(feature)))
+        m = self.out_channels
+        return out[:, :m], out[:, m : 2 * m], torch.sigmoid(out[:, 2 * m :])
+
+
 class HSRDiff(nn.Module):
     """HSRDiff: the denoising network of Hierarchical Self-Regulation Diffusion (AAAI 2025, Figure 2).
 
@@ -370,9 +423,11 @@ class HSRDiff(nn.Module):
     The network knows nothing of the noise schedule: ``timesteps`` is only embedded
     (sinusoidal, then an MLP, as MONAI's ``DiffusionModelUNet``).
 
-    Ablation switches (paper Table 6) choose which parts exist, so no parameter is wasted:
-    ``prediction="eps"`` / ``"x0"`` builds one decoder and head, ``"dual"`` both without kappa,
-    ``"srdiff"`` everything. ``condition="hierarchical"`` feeds F_h to the decoders and f_g to M,
+    Ablation switches (paper Table 6, :data:`TABLE6_ROWS`) choose which parts exist, so no
+    parameter is wasted: ``prediction="eps"`` / ``"x0"`` builds one decoder and head, ``"dual"``
+    both without kappa, ``"srdiff"`` everything; ``"dynamic"`` is Benny & Wolf's dual output
+    (row 5): one decoder and a :class:`DualOutputHead` giving eps, x0 and a per-pixel weight
+    kappa of shape (B, 1, *spatial). ``condition="hierarchical"`` feeds F_h to the decoders and f_g to M,
     ``"global"`` only f_g to M, ``"none"`` builds no E_c and ignores any condition.
     ``decoder_skips`` additionally concatenates the E_d skips in the decoders; the paper's
     Figure 2 shows F_h only, but an eps-decoder cannot reproduce full-resolution noise through
@@ -396,7 +451,7 @@ class HSRDiff(nn.Module):
         norm_eps: epsilon of every GroupNorm.
         num_head_channels: channels per attention head (int, or one per level); the widths of
             levels with attention (and of the deepest level) must be divisible by it.
-        prediction: "srdiff", "dual", "eps" or "x0" (see above).
+        prediction: "srdiff", "dual", "eps", "x0" or "dynamic" (see above).
         condition: "hierarchical", "global" or "none" (see above).
         decoder_skips: concatenate the E_d skips in the decoders.
         phi_channels: widths of Phi's stride-2 convolutions; default (C_1, 2 C_1, 4 C_1).
@@ -587,6 +642,12 @@ class HSRDiff(nn.Module):
         self.eps_head: nn.Module | None = head() if has_eps else None
         self.x_decoder: HSRDiffDecoder | None = decoder() if has_x else None
         self.x_head: nn.Module | None = head() if has_x else None
+        # Benny & Wolf: one decoder shared by both modes and the weight, one last layer for all three
+        dynamic = prediction == "dynamic"
+        self.dual_decoder: HSRDiffDecoder | None = decoder() if dynamic else None
+        self.dual_head: DualOutputHead | None = (
+            DualOutputHead(spatial_dims, channels[0], out_channels, **norm) if dynamic else None
+        )
 
         # 6. C_1, C_2, Phi
         self.kappa_head: SelfRegulationHead | None = (
@@ -631,7 +692,8 @@ class HSRDiff(nn.Module):
 
         Returns:
             :class:`HSRDiffOutput` with eps, x0 of shape (B, M, *spatial) (None where the path
-            does not exist) and kappa of shape (B,) in (0, 1) (``prediction="srdiff"`` only).
+            does not exist) and kappa in (0, 1): (B,) for ``prediction="srdiff"``,
+            (B, 1, *spatial) for ``"dynamic"``, None otherwise.
         """
         name = type(self).__name__
         # 1. validation
@@ -689,6 +751,8 @@ class HSRDiff(nn.Module):
         if self.x_decoder is not None and self.x_head is not None:
             f_x = self.x_decoder(h, emb, decoder_skips, decoder_features)
             x0 = self.x_head(f_x)
+        if self.dual_decoder is not None and self.dual_head is not None:
+            eps, x0, kappa = self.dual_head(self.dual_decoder(h, emb, decoder_skips, decoder_features))
 
         # 6. self-regulation (unification)
         if self.kappa_head is not None:
