@@ -204,6 +204,43 @@ def test_kappa_mixing_reduces_to_each_mode(process):
     torch.testing.assert_close(clipped, 0.5 * process.mu_from_x0(xt, tt, x0.clamp(-1, 1)) + 0.5 * mu_eps)
 
 
+def test_per_pixel_kappa_mixes_pixel_by_pixel(process):
+    """A (B, 1, *spatial) κ (prediction="dynamic") mixes each pixel with its own weight, in μ_θ and in x̂0."""
+    g = torch.Generator().manual_seed(12)
+    xt = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64)  # M = 2: the weight is shared by the channels
+    eps = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64)
+    x0 = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64)
+    tt = torch.tensor([30, 220])
+    kappa = torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    mu_eps, mu_x = process.mu_from_eps(xt, tt, eps), process.mu_from_x0(xt, tt, x0)
+    x0_eps = process.predict_x0_from_eps(xt, tt, eps)
+    mixed = process.p_mean(Out(eps, x0, kappa), xt, tt)
+    fused = process.fused_x0(Out(eps, x0, kappa), xt, tt)
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                k = float(kappa[b, 0, i, j])
+                want = k * mu_x[b, :, i, j] + (1 - k) * mu_eps[b, :, i, j]
+                torch.testing.assert_close(mixed.mean[b, :, i, j], want, rtol=1e-12, atol=1e-12)
+                want = k * x0[b, :, i, j] + (1 - k) * x0_eps[b, :, i, j]
+                torch.testing.assert_close(fused.mean[b, :, i, j], want, rtol=1e-12, atol=1e-12)
+    # the returned κ is the per-item spatial mean (one value per item and step, as for srdiff)
+    torch.testing.assert_close(mixed.kappa, kappa.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(fused.kappa, kappa.mean(dim=(1, 2, 3)))
+    # the posterior of the fused x̂0 is μ_θ, pixel by pixel
+    torch.testing.assert_close(process.mu_from_x0(xt, tt, fused.mean), mixed.mean, rtol=1e-10, atol=1e-10)
+    # a map constant over the pixels is the (B,) κ of the same value
+    flat = torch.tensor([0.2, 0.8], dtype=torch.float64)
+    const = flat.reshape(2, 1, 1, 1).expand(2, 1, 4, 4)
+    torch.testing.assert_close(process.p_mean(Out(eps, x0, const), xt, tt).mean, process.p_mean(Out(eps, x0, flat), xt, tt).mean)
+    # a (B, 1) or (B, 1, 1, 1) κ is still one per item, as before
+    torch.testing.assert_close(process.p_mean(Out(eps, x0, flat.reshape(2, 1, 1, 1)), xt, tt).mean,
+                               process.p_mean(Out(eps, x0, flat), xt, tt).mean)  # fmt: skip
+    for bad in (torch.rand(2, 2, 4, 4), torch.rand(2, 1, 2, 2), torch.rand(3)):
+        with pytest.raises(ValueError, match="resolve_kappa: κ must have shape"):
+            process.p_mean(Out(eps, x0, bad.double()), xt, tt)
+
+
 # ---- loss ----------------------------------------------------------------------------------
 
 
@@ -324,12 +361,119 @@ def test_unification_default_on_only_for_srdiff(process):
     c = torch.zeros(2, 1, 16, 16)
     g = torch.Generator().manual_seed(0)
     assert process.training_losses(tiny_net("srdiff"), x0, c, generator=g).loss_u is not None
+    assert process.training_losses(tiny_net("dynamic"), x0, c, generator=g).loss_u is not None
     for mode in ("dual", "eps", "x0"):
         terms = process.training_losses(tiny_net(mode), x0, c, generator=g)
         assert terms.loss_u is None and terms.kappa is None, mode
         assert (terms.loss_eps is None) == (mode == "x0") and (terms.loss_x0 is None) == (mode == "eps")
     forced = SelfRegulatedDiffusion(process.schedule, unification=True)
     assert forced.training_losses(tiny_net("dual"), x0, c, generator=g).loss_u is not None
+
+
+class PixelOracle(nn.Module):
+    """Fixed ε_θ, x_θ and a per-pixel κ (prediction="dynamic"), each from a parameter, to follow L_u's gradient."""
+
+    out_channels = 1
+
+    def __init__(self, eps: torch.Tensor, x0: torch.Tensor, kappa: torch.Tensor) -> None:
+        super().__init__()
+        self.eps, self.x0 = nn.Parameter(eps.clone()), nn.Parameter(x0.clone())
+        self.logit = nn.Parameter(torch.logit(kappa))
+
+    def forward(self, x, timesteps, condition=None, condition_features=None):
+        return Out(self.eps * 1.0, self.x0 * 1.0, torch.sigmoid(self.logit))
+
+
+def test_dynamic_loss_by_hand_and_weight_trained_alone(process):
+    """prediction="dynamic": L_d + L_u on by default, L_u = ‖μ̃ - μ_θ‖² with the per-pixel blend, detached predictions."""
+    g = torch.Generator().manual_seed(13)
+    x0 = torch.randint(0, 2, (2, 1, 4, 4), generator=g).double() * 2 - 1
+    noise = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps_hat = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    x_hat = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    kappa = torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    t = [12, 190]
+    net = PixelOracle(eps_hat, x_hat, kappa)
+    terms = process.training_losses(net, x0, None, t=torch.tensor(t), noise=noise)
+    per_item = []
+    for i, ti in enumerate(t):
+        beta, a, a_prev = float(REF_BETAS[ti]), ref_acp(ti), ref_acp(ti - 1)
+        xt = np.sqrt(a) * x0[i].numpy() + np.sqrt(1 - a) * noise[i].numpy()
+        c_x0, c_xt = np.sqrt(a_prev) * beta / (1 - a), np.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
+        mu_true = c_x0 * x0[i].numpy() + c_xt * xt
+        mu_x = c_x0 * x_hat[i].numpy() + c_xt * xt
+        mu_eps = (xt - beta / np.sqrt(1 - a) * eps_hat[i].numpy()) / np.sqrt(1 - beta)
+        k = kappa[i].numpy()
+        per_item.append(np.mean((mu_true - (k * mu_x + (1 - k) * mu_eps)) ** 2))
+    assert terms.loss_u.item() == pytest.approx(np.mean(per_item), rel=1e-6)
+    loss_d = (x0 - x_hat).pow(2).mean().item() + (noise - eps_hat).pow(2).mean().item()
+    assert terms.loss.item() == pytest.approx(loss_d + np.mean(per_item), rel=1e-6)
+    assert terms.kappa.item() == pytest.approx(kappa.mean().item())
+    # default: L_u trains the weight only (Benny & Wolf); the literal setting keeps it on the heads
+    for detach, reaches_heads in ((None, False), (True, False), (False, True)):
+        net = PixelOracle(eps_hat, x_hat, kappa)
+        proc = SelfRegulatedDiffusion(process.schedule, unification_detach=detach)
+        proc.training_losses(net, x0, None, t=torch.tensor(t), noise=noise).loss_u.backward()
+        assert net.logit.grad.abs().min() > 0, detach  # every pixel's weight gets its own gradient
+        for head in (net.eps, net.x0):
+            assert (head.grad is not None and head.grad.abs().sum() > 0) == reaches_heads, detach
+    # srdiff's (B,) κ keeps the paper's literal L_u by default (no detach)
+    net = _Linear()
+    process.training_losses(net, x0, None, t=torch.tensor(t), noise=noise).loss_u.backward()
+    assert abs(net.e.grad.item()) > 0
+
+
+def test_dynamic_network_loss_reaches_only_the_weight_channel(process):
+    """In the real network L_u reaches the weight's output channel of the last layer, not the eps / x0 channels."""
+    net = tiny_net("dynamic")
+    x0 = torch.randint(0, 2, (3, 1, 16, 16), generator=torch.Generator().manual_seed(14)).float() * 2 - 1
+    c = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(15))
+    t = torch.tensor([4, 90, 230])
+    for weighting in ("paper", "eps"):
+        net.zero_grad()
+        proc = SelfRegulatedDiffusion(process.schedule, unification_weighting=weighting)
+        terms = proc.training_losses(net, x0, c, t=t, generator=torch.Generator().manual_seed(2))
+        assert terms.loss_u is not None and terms.loss_eps is not None and terms.loss_x0 is not None
+        terms.loss_u.backward()
+        w = net.dual_head.conv.conv.weight.grad  # (2M + 1, C_1, 3, 3): rows eps, x0, weight logit
+        assert w[:2].abs().sum() == 0 and w[2].abs().sum() > 0, weighting
+        assert net.dual_decoder.resnets[0][0].conv2.conv.weight.grad.abs().sum() > 0  # through the shared decoder
+
+
+@pytest.mark.parametrize("sampler_name", ["ddpm", "ddim_eta0", "ddim_eta1"])
+def test_samplers_blend_per_pixel(process, sampler_name):
+    """One sampler step with a per-pixel κ equals, at each pixel, the step with that pixel's κ for the whole item."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    x0 = torch.tanh(torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64))
+    z = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    values = torch.tensor([0.1, 0.6, 0.95], dtype=torch.float64)
+    kappa = values[torch.randint(0, 3, (2, 1, 4, 4), generator=g)]
+    if sampler_name == "ddpm":
+        sampler = DDPMSampler(process)
+    else:
+        sampler = DDIMSampler(process, eta=0.0 if sampler_name == "ddim_eta0" else 1.0, num_inference_steps=5)
+    sampler.set_timesteps()
+    t = int(sampler.timesteps[1])
+    step = sampler.step(Out(eps, x0, kappa), t, x, noise=z)
+    assert step.kappa.shape == (2,)
+    torch.testing.assert_close(step.kappa, kappa.mean(dim=(1, 2, 3)))
+    for v in values:
+        ref = sampler.step(Out(eps, x0, v.expand(2)), t, x, noise=z).prev_sample
+        where = kappa == v
+        assert where.any()
+        torch.testing.assert_close(step.prev_sample[where], ref[where], rtol=1e-12, atol=1e-12)
+
+
+def test_pipeline_with_the_dynamic_network(process):
+    """HSRDiffPipeline runs prediction="dynamic" and records one κ (the spatial mean) per step and sample."""
+    net = tiny_net("dynamic").eval()
+    c = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(17))
+    out = HSRDiffPipeline(net, DDIMSampler(process, num_inference_steps=3))(c, num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert out.samples.shape == (2, 2, 1, 16, 16) and torch.isfinite(out.samples).all()
+    assert out.kappa.shape == (3, 2, 2) and ((out.kappa > 0) & (out.kappa < 1)).all()
+    torch.testing.assert_close(out.kappa_trace, out.kappa.mean(dim=(1, 2)))
 
 
 def test_training_losses_draws_reproducible_timesteps(process):

@@ -39,7 +39,9 @@ class PMean(NamedTuple):
 
     Attributes:
         mean: (B, M, *spatial) μ_θ.
-        kappa: (B,) κ used (the network's κ_φ, the fixed dual weight, 1 for x0-only, 0 for eps-only).
+        kappa: (B,) κ used (the network's κ_φ, the fixed dual weight, 1 for x0-only, 0 for eps-only);
+            for a per-pixel weight (``prediction="dynamic"``) its spatial mean per item, so that
+            samplers and the pipeline's κ trace keep one value per item and step.
     """
 
     mean: torch.Tensor
@@ -73,20 +75,29 @@ class DiffusionLossOutput:
 
 
 def resolve_kappa(out: ModelOutput, dual_weight: float, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """κ for each item, from whichever heads the model has.
+    """κ for each item (or each pixel), from whichever heads the model has.
 
-    ``srdiff`` (κ present): the network's κ_φ. ``dual`` (eps and x0, no κ): ``dual_weight``.
-    ``x0`` only: 1. ``eps`` only: 0. Returns a (B,) tensor on ``like``'s device and dtype.
+    ``srdiff`` (κ present): the network's κ_φ, (B,). ``dynamic`` (Benny & Wolf): the network's
+    per-pixel weight, (B, 1, *spatial) with ``like`` of shape (B, M, *spatial). ``dual`` (eps and
+    x0, no κ): ``dual_weight``. ``x0`` only: 1. ``eps`` only: 0. Returns a (B,) or
+    (B, 1, *spatial) tensor on ``like``'s device and dtype.
     """
     if out.eps is None and out.x0 is None:
         raise ValueError("resolve_kappa: the model output has neither an eps nor an x0 prediction.")
     if out.kappa is not None:
         if out.eps is None or out.x0 is None:
-            raise ValueError("resolve_kappa: a κ output needs both the eps and the x0 heads (prediction='srdiff').")
-        kappa = out.kappa.to(like.dtype).reshape(-1)
-        if kappa.shape[0] != batch:
-            raise ValueError(f"resolve_kappa: κ must have shape ({batch},), got {tuple(out.kappa.shape)}.")
-        return kappa
+            raise ValueError(
+                "resolve_kappa: a κ output needs both the eps and the x0 heads (prediction='srdiff' or 'dynamic')."
+            )
+        per_pixel = (batch, 1, *like.shape[2:])
+        if out.kappa.numel() != batch and tuple(out.kappa.shape) == per_pixel:
+            return out.kappa.to(like.dtype)
+        if out.kappa.numel() != batch:
+            raise ValueError(
+                f"resolve_kappa: κ must have shape ({batch},) (one per item) or {per_pixel} (one per pixel, shared "
+                f"by the label channels), got {tuple(out.kappa.shape)}."
+            )
+        return out.kappa.to(like.dtype).reshape(-1)
     if out.eps is not None and out.x0 is not None:
         value = dual_weight
     else:
@@ -95,7 +106,13 @@ def resolve_kappa(out: ModelOutput, dual_weight: float, batch: int, like: torch.
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
+    # a (B,) weight over every channel and pixel; a per-pixel (B, 1, *spatial) one already broadcasts over M
+    return v if v.ndim == x.ndim else v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _per_item(kappa: torch.Tensor) -> torch.Tensor:
+    # the (B,) summary of a per-pixel weight: its spatial mean (a (B,) κ is returned as it is)
+    return kappa if kappa.ndim == 1 else kappa.flatten(1).mean(dim=1)
 
 
 def _per_item_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -113,8 +130,8 @@ class SelfRegulatedDiffusion:
             would zero the gradient of x_θ outside the range). Default off (the paper does not clip).
         lambda_d: λ1, weight of the differentiation loss L_d (Eq. 9).
         lambda_u: λ2, weight of the unification loss L_u (Eq. 9).
-        unification: include L_u. ``None`` (default): only when the model outputs κ (``srdiff``);
-            for ``dual``, ``eps`` and ``x0`` it is off unless set to ``True``.
+        unification: include L_u. ``None`` (default): only when the model outputs κ (``srdiff``,
+            ``dynamic``); for ``dual``, ``eps`` and ``x0`` it is off unless set to ``True``.
         unification_weighting: ``"paper"`` uses ‖μ̃ - μ_θ‖² as printed (tiny at most t);
             ``"eps"`` divides each item's L_u by c_t² with c_t = β_t/(sqrt(1-ᾱ_t) sqrt(1-β_t)),
             the ε-space equivalent (for κ=0, μ̃ - μ_eps = c_t (ε - ε_θ)); ``"x0"`` divides by
@@ -125,6 +142,8 @@ class SelfRegulatedDiffusion:
             factor); the weighting decides which timesteps dominate κ's gradient.
         unification_detach: detach ε_θ and x_θ inside L_u, so that L_u trains only the κ path
             (as Benny & Wolf train their interpolation weight) and L_d alone trains the heads.
+            ``None`` (default): on for a per-pixel κ (``prediction="dynamic"``, Benny & Wolf's
+            own training), off for the (B,) κ_φ of ``srdiff`` (the paper's literal L_u).
 
     Example::
 
@@ -142,7 +161,7 @@ class SelfRegulatedDiffusion:
         lambda_u: float = 1.0,
         unification: bool | None = None,
         unification_weighting: Literal["paper", "eps", "x0", "normalized"] = "paper",
-        unification_detach: bool = False,
+        unification_detach: bool | None = None,
     ) -> None:
         if not 0.0 <= float(dual_weight) <= 1.0:
             raise ValueError(f"SelfRegulatedDiffusion: dual_weight must lie in [0, 1], got {dual_weight!r}.")
@@ -162,7 +181,7 @@ class SelfRegulatedDiffusion:
         self.lambda_u = float(lambda_u)
         self.unification = unification
         self.unification_weighting = unification_weighting
-        self.unification_detach = bool(unification_detach)
+        self.unification_detach = None if unification_detach is None else bool(unification_detach)
 
     @property
     def num_timesteps(self) -> int:
@@ -226,10 +245,11 @@ class SelfRegulatedDiffusion:
         return s.extract("posterior_mean_coef_x0", t, x_t) * x0 + s.extract("posterior_mean_coef_xt", t, x_t) * x_t
 
     def p_mean(self, out: ModelOutput, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool = False) -> PMean:
-        """μ_θ = κ·μ_x + (1-κ)·μ_eps (paper Eq. 8; κ weights the x0 mode).
+        """μ_θ = κ·μ_x + (1-κ)·μ_eps (paper Eq. 8; κ weights the x0 mode), per pixel for a per-pixel κ.
 
         Args:
-            out: network output with ``eps`` / ``x0`` (B, M, *spatial) and ``kappa`` (B,) or ``None``.
+            out: network output with ``eps`` / ``x0`` (B, M, *spatial) and ``kappa`` (B,),
+                (B, 1, *spatial) (``prediction="dynamic"``) or ``None``.
             x_t: (B, M, *spatial) noisy label.
             t: (B,) long timesteps.
             clip_x0: clamp x_θ to [-1, 1] before forming μ_x (sampling only; ε path untouched).
@@ -242,17 +262,18 @@ class SelfRegulatedDiffusion:
             x0 = out.x0.clamp(-1.0, 1.0) if clip_x0 else out.x0
             mu_x = self.mu_from_x0(x_t, t, x0)
         if mu_eps is None:
-            return PMean(mu_x, kappa)
+            return PMean(mu_x, _per_item(kappa))
         if mu_x is None:
-            return PMean(mu_eps, kappa)
+            return PMean(mu_eps, _per_item(kappa))
         k = _bcast(kappa, x_t)
-        return PMean(k * mu_x + (1.0 - k) * mu_eps, kappa)
+        return PMean(k * mu_x + (1.0 - k) * mu_eps, _per_item(kappa))
 
     def fused_x0(self, out: ModelOutput, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool = False) -> PMean:
         """x̂0 = κ·x_θ + (1-κ)·x0(ε_θ), the x0 estimate whose posterior mean is μ_θ (used by DDIM).
 
-        Because μ̃ is linear in x0 and μ̃(x0(ε_θ), x_t) = μ_eps, μ̃(x̂0, x_t) = μ_θ of Eq. 8 exactly.
-        ``clip_x0`` clamps the fused estimate. Returns ``PMean(mean=x̂0, kappa)``.
+        Because μ̃ is linear in x0 and μ̃(x0(ε_θ), x_t) = μ_eps, μ̃(x̂0, x_t) = μ_θ of Eq. 8 exactly
+        (pixel by pixel, so also for a per-pixel κ). ``clip_x0`` clamps the fused estimate.
+        Returns ``PMean(mean=x̂0, kappa)`` with the (B,) κ summary of :class:`PMean`.
         """
         kappa = resolve_kappa(out, self.dual_weight, x_t.shape[0], x_t)
         self._check_heads(out, x_t)
@@ -267,7 +288,7 @@ class SelfRegulatedDiffusion:
                 x0_hat = k * out.x0 + (1.0 - k) * x0_eps
         if clip_x0:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
-        return PMean(x0_hat, kappa)
+        return PMean(x0_hat, _per_item(kappa))
 
     @staticmethod
     def _check_heads(out: ModelOutput, x_t: torch.Tensor) -> None:
@@ -346,7 +367,12 @@ class SelfRegulatedDiffusion:
         use_u = out.kappa is not None if self.unification is None else self.unification
         loss_u = None
         if use_u:
-            loss_u = self.unification_loss(out, x0, x_t, t)
+            u_out = out
+            if self.unification_detach is None and out.kappa is not None and out.kappa.ndim > 1:
+                # Benny & Wolf's dual output: the blended step's loss trains the weight only
+                u_out = _Detached(out.eps.detach() if out.eps is not None else None,
+                                  out.x0.detach() if out.x0 is not None else None, out.kappa)  # fmt: skip
+            loss_u = self.unification_loss(u_out, x0, x_t, t)
 
         loss = self.lambda_d * loss_d + (self.lambda_u * loss_u if loss_u is not None else zero)
         kappa = out.kappa.detach().float().mean() if out.kappa is not None else None
