@@ -6,18 +6,24 @@ and :class:`~monai_hsrdiff.diffusion.SelfRegulatedDiffusion`, trained in-process
 GED16 / HM-IoU16 / MDM16 (``monai_hsrdiff.metrics.sample_set_metrics``) on the demo test split:
 
 =====================  ======================  ==========================================================
-row                    network                 process (training / sampling)
+row (paper Table 6)    network                 process (training / sampling)
 =====================  ======================  ==========================================================
-eps, no condition      prediction=eps,         L_d = ||eps - eps_theta||^2
-                       condition=none
-eps + f_g              eps, global             same
-eps + F_h              eps, hierarchical       same
-eps & x0, no mixing    dual, hierarchical      trained with L_d only (unification=False); sampled with
-                                               the eps head alone (dual_weight=0, the Table 6 baseline
+1 eps                  prediction=eps,         L_d = ||eps - eps_theta||^2
+  (eps_none)           condition=none
+2 eps + f_g            eps, global             same
+3 eps + f_g + F_h      eps, hierarchical       same
+4 eps & x0 + f_g + F_h dual, hierarchical      trained with L_d only (unification=False); sampled with
+  (dual_nomix)                                 the eps head alone (dual_weight=0, the Table 6 baseline
                                                path; x0 is an auxiliary target) -- and, reported as an
                                                extra row from the same checkpoints, the x0 head alone
-dual, fixed mix        dual, hierarchical      kappa fixed at 0.5 in training (L_d + L_u) and sampling
-SRDiff (kappa)         srdiff, hierarchical    L_d + L_u with the learned kappa (the full model)
+5 + dual (dynamic)     dynamic, hierarchical   Benny & Wolf's dual output: one decoder, eps / x0 / per-
+                                               pixel weight from one last layer; L_d + L_u with the two
+                                               predictions detached in L_u (the weight learns from L_u
+                                               alone); sampled with the learned per-pixel blend
+6 SRDiff (srdiff)      srdiff, hierarchical    L_d + L_u with the learned kappa (the full model)
+(dual_mix)             dual, hierarchical      not a Table 6 row (the pre-issue-14 stand-in for row 5):
+                                               kappa fixed at 0.5 in training (L_d + L_u) and sampling;
+                                               kept for the earlier results files, run with --rows
 =====================  ======================  ==========================================================
 
 Two reference rows need no training: one reader's mask (annotation 0) repeated N times, and the
@@ -62,26 +68,33 @@ from monai_hsrdiff.engines import HSRDiffTrainer  # noqa: E402
 from monai_hsrdiff.engines.evaluator import samples_to_masks  # noqa: E402
 from monai_hsrdiff.metrics import sample_set_metrics  # noqa: E402
 from monai_hsrdiff.networks import get_preset  # noqa: E402
+from monai_hsrdiff.networks.hsrdiff import TABLE6_ROWS  # noqa: E402
 
-#: Table 6 rows: key -> (label, network overrides, training-process kwargs, sampling dual_weights by suffix).
+#: Rows: key -> (label, network overrides, training-process kwargs, sampling dual_weights by suffix).
+#: The first six are the paper's Table 6 in its order (network switches from TABLE6_ROWS).
 ROWS: dict[str, dict[str, Any]] = {
-    "eps_none": {"label": "eps, no condition", "net": {"prediction": "eps", "condition": "none"}, "proc": {}},
-    "eps_global": {"label": "eps + f_g (global)", "net": {"prediction": "eps", "condition": "global"}, "proc": {}},
-    "eps_hier": {"label": "eps + F_h (hierarchical)", "net": {"prediction": "eps", "condition": "hierarchical"}, "proc": {}},
+    "eps_none": {"label": "eps, no condition", "net": TABLE6_ROWS["eps_none"], "proc": {}},
+    "eps_global": {"label": "eps + f_g (global)", "net": TABLE6_ROWS["eps_global"], "proc": {}},
+    "eps_hier": {"label": "eps + f_g + F_h (hierarchical)", "net": TABLE6_ROWS["eps_hier"], "proc": {}},
     "dual_nomix": {
-        "label": "eps & x0, no mixing",
-        "net": {"prediction": "dual", "condition": "hierarchical"},
+        "label": "eps & x0 + f_g + F_h, no learned mix",
+        "net": TABLE6_ROWS["dual_nomix"],
         "proc": {"unification": False},
         # sampled twice from the same weights: the eps head alone (the row) and the x0 head alone (extra)
         "sample": {"": 0.0, "_x0head": 1.0},
     },
+    # the process defaults for a per-pixel weight: L_u on, predictions detached inside it
+    "dynamic": {"label": "+ dual output (Benny & Wolf, per-pixel weight)", "net": TABLE6_ROWS["dynamic"], "proc": {}},
+    "srdiff": {"label": "SRDiff (learned kappa)", "net": TABLE6_ROWS["srdiff"], "proc": {}},
+    # not a Table 6 row: what stood in for row 5 before issue 14; kept for the earlier results files
     "dual_mix": {
-        "label": "dual, fixed mix kappa=0.5",
+        "label": "(not in Table 6) eps & x0, fixed mix kappa=0.5",
         "net": {"prediction": "dual", "condition": "hierarchical"},
         "proc": {"unification": True, "dual_weight": 0.5},
     },
-    "srdiff": {"label": "SRDiff (learned kappa)", "net": {"prediction": "srdiff", "condition": "hierarchical"}, "proc": {}},
 }
+#: The rows run by default: the paper's six.
+TABLE6 = tuple(TABLE6_ROWS)
 EXTRA_LABELS = {"dual_nomix_x0head": "eps & x0, no mixing (x0 head sampled)"}
 METRICS = ("ged_16", "hm_iou_16", "mdm_16")
 
@@ -171,7 +184,7 @@ def evaluate(net: torch.nn.Module, images: torch.Tensor, masks: np.ndarray, dual
     pred = samples_to_masks(out.samples).numpy()
     res = score(pred, masks)
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    if getattr(net, "prediction", None) == "srdiff":
+    if getattr(net, "prediction", None) in ("srdiff", "dynamic"):  # dynamic: the mean of the per-pixel weight
         res["mean_kappa"] = float(out.kappa.mean())
     return res
 
@@ -290,7 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="demo data folder (default <repo>/data/bench_demo_lidc_<size>)")
     p.add_argument("--work", default=None, help="checkpoint folder (default <repo>/runs/bench_quality_<size>)")
     p.add_argument("--out", default=None, help="result stem (default benchmarks/results/quality_lidc<size>)")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=list(TABLE6), choices=list(ROWS),
+                   help="rows to run (default: the paper's six Table 6 rows; dual_mix is the old fixed-mix stand-in)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--iterations", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=16)
