@@ -10,7 +10,8 @@ trained with the demo config), and the bundle's ``inference`` runs: reader -> pi
 volume inferer -> writer (:mod:`monai_hsrdiff.inference.inferer`). The case folder holds
 ``mean_probability.nii.gz``, ``entropy.nii.gz`` (bits), ``samples.seg.nrrd``,
 ``consensus.seg.nrrd`` and ``summary.json``, all in the source scan's grid (see
-``monai_hsrdiff.export.slicer``). Bad input stops with ``error: ...`` and exit code 2; nothing
+``monai_hsrdiff.export.slicer``); ``--dicom-out`` adds DICOM SEGs and a Parametric Map
+(``monai_hsrdiff.export.dicom_out``). Bad input stops with ``error: ...`` and exit code 2; nothing
 is written then.
 """
 
@@ -102,6 +103,7 @@ def infer(
     seed: int | None = None,
     device: str | None = None,
     allow_modality_mismatch: bool = False,
+    dicom_out: bool = False,
 ) -> Path:
     """Run the bundle's inference on ``input``; ``None`` arguments keep the config's value.
 
@@ -109,7 +111,7 @@ def infer(
     ``checkpoint`` (default ``<run_dir>/checkpoints/model.pt``), ``num_samples``, ``sampler``,
     ``steps`` -> ``sampling_steps`` (DDIM only), ``eta`` -> ``sampler_eta``, ``precision``,
     ``seed``, ``series_uid``, ``slices``, ``center``/``size``/``region_units`` -> ``region_*``,
-    ``overwrite``, ``allow_modality_mismatch`` (or the config's). ``configs``: override files
+    ``overwrite``, ``allow_modality_mismatch``, ``dicom_out`` (or the config's). ``configs``: override files
     merged after ``train.json`` and ``inference.json`` (e.g. ``bundles/lidc/demo.json``).
     ``device``: ``cpu``, ``cuda``, ``cuda:N``; checked first, then the override keys and ``out``,
     all before MONAI loads.
@@ -118,12 +120,15 @@ def infer(
 
         infer("bundles/lidc", "/data/scan1/", out="runs/lidc/inference/scan1", num_samples=16)
     """
+    from monai_hsrdiff.export.dicom_out import refuse_nifti_inputs
     from monai_hsrdiff.export.slicer import check_output_folder
 
     checked_device = resolve_device(device)
     bundle = Path(bundle)
     files = _config_files(bundle, configs)
     inputs = [input] if isinstance(input, (str, os.PathLike)) else list(input)
+    if dicom_out:  # NIfTI files are refused before anything loads (a folder is checked once read)
+        refuse_nifti_inputs(inputs)
     if out is not None:  # refused again, with the leftovers of killed writes removed, when the case is written
         check_output_folder(out, overwrite, inputs)
     from monai_hsrdiff.inference.inferer import run_bundle_inference
@@ -135,6 +140,7 @@ def infer(
         "precision": precision, "seed": seed, "device": checked_device, "series_uid": series_uid, "slices": slices,
         "region_center": center, "region_size": size, "region_units": region_units, "overwrite": bool(overwrite),
         "allow_modality_mismatch": True if allow_modality_mismatch else None, "input_modality": bundle_modality(bundle),
+        "dicom_out": True if dicom_out else None,
     }  # fmt: skip
     return run_bundle_inference(files, {k: v for k, v in keys.items() if v is not None or k == "input_modality"})
 
@@ -164,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"), help="region size along the array axes i, j, k")
     p.add_argument("--units", choices=("voxel", "mm"), default="voxel", help="units of --center/--size: voxel index or LPS mm")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier case in --out (only a case this command wrote: other files are refused, never deleted)")
+    p.add_argument("--dicom-out", action="store_true", help="also write DICOM SEGs and an entropy Parametric Map "
+                   "referencing the source series, for a PACS/OHIF (DICOM input only; docs/slicer.md)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: cuda if available)")
     return p
@@ -179,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               configs=a.config, num_samples=a.num_samples, sampler=a.sampler, steps=a.steps, eta=a.eta,
               precision=a.precision, series_uid=a.series_uid, slices=a.slices, center=a.center, size=a.size,
               region_units=a.units, overwrite=a.overwrite, seed=a.seed, device=a.device,
-              allow_modality_mismatch=a.allow_modality_mismatch)  # fmt: skip
+              allow_modality_mismatch=a.allow_modality_mismatch, dicom_out=a.dicom_out)  # fmt: skip
     except BundleError as e:  # already printed by monai_hsrdiff.errors.fail
         return int(e.code or 2)
     except (ValueError, OSError) as e:  # our HSRDiffInputError is a ValueError

@@ -159,8 +159,12 @@ def write_case(
     source: SourceVolume,
     summary: dict[str, Any] | None = None,
     overwrite: bool = False,
+    dicom_instances: Sequence[Any] | None = None,
 ) -> Path:
     """Write the five case files into ``out`` atomically (temporary folder, then rename).
+
+    With ``dicom_instances`` (the source's headers, :func:`~monai_hsrdiff.export.dicom_out.read_source_instances`)
+    the four DICOM files of :mod:`monai_hsrdiff.export.dicom_out` are written too.
 
     Args:
         out: the case folder.
@@ -168,6 +172,7 @@ def write_case(
         source: the scan (its geometry is copied to every file).
         summary: extra JSON-ready fields for ``summary.json`` (inputs, checkpoint, sampler, ...).
         overwrite: replace a folder that already holds files.
+        dicom_instances: K source headers in slice order: also write the DICOM SEGs and Parametric Map.
 
     Returns:
         ``out``.
@@ -193,6 +198,16 @@ def write_case(
         write_segmentation(tmp / "samples.seg.nrrd", list(samples), names, sample_colors(n), source)
         write_segmentation(tmp / "consensus.seg.nrrd", [mean >= 0.5], ["consensus"], [CONSENSUS_COLOR], source)
         doc = dict(summary or {})
+        files = list(CASE_FILES)
+        t_dicom = None
+        if dicom_instances is not None:
+            from monai_hsrdiff.export.dicom_out import DICOM_FILES, write_dicom_case
+
+            t1 = time.perf_counter()
+            doc["dicom"] = write_dicom_case(tmp, prediction, source, dicom_instances, {**doc, "num_samples": int(n)},
+                                            sample_colors(n), CONSENSUS_COLOR)  # fmt: skip
+            t_dicom = time.perf_counter() - t1
+            files += list(DICOM_FILES)
         doc.update(
             {
                 "num_samples": int(n),
@@ -200,11 +215,13 @@ def write_case(
                 "units": {"mean_probability": "fraction of samples, [0, 1]", "entropy": "bits, [0, 1]"},
                 "region": prediction.region.as_json(),
                 "source": {**source.info, "geometry": source.itk_geometry(), "channels": list(source.channel_names)},
-                "files": list(CASE_FILES),
-                STAMP_KEY: CASE_LAYOUT.stamp(),  # marks the folder as ours: --overwrite may replace it
+                "files": files,
+                STAMP_KEY: CASE_LAYOUT.stamp(files),  # marks the folder as ours: --overwrite may replace it
             }
         )
         timings = dict(doc.get("timings", {}), **prediction.timings)
+        if t_dicom is not None:
+            timings["dicom_write_s"] = t_dicom
         timings["write_s"] = time.perf_counter() - t0
         doc["timings"] = {k: round(float(v), 3) for k, v in timings.items()}
         (tmp / "summary.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -221,6 +238,8 @@ class SlicerCaseWriter:
     Args:
         output_dir: the case folder (``--out``).
         overwrite: replace an earlier case of this command there (only that; see :func:`check_output_folder`).
+        dicom_out: also write the DICOM SEGs and Parametric Map (:mod:`monai_hsrdiff.export.dicom_out`);
+            the source must be a DICOM series (:meth:`check_source` refuses others before sampling).
 
     Example::
 
@@ -229,9 +248,11 @@ class SlicerCaseWriter:
         writer(prediction, source, summary={"seed": 0})
     """
 
-    def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False, dicom_out: bool = False) -> None:
         self.output_dir = Path(output_dir)
         self.overwrite = bool(overwrite)
+        self.dicom_out = bool(dicom_out)
+        self._instances: list[Any] | None = None
 
     def prepare(self, inputs: Sequence[str | os.PathLike] = (), log=None) -> Path:
         """Check the folder (:func:`check_output_folder`; a link is written through, so ``output_dir``
@@ -241,6 +262,16 @@ class SlicerCaseWriter:
         remove_interrupted_writes(self.output_dir, ("partial", "old"), log or (lambda _m: None))
         return self.output_dir
 
+    def check_source(self, source: SourceVolume) -> None:
+        """With ``dicom_out``: read and check the source's DICOM headers now, before sampling
+        (:func:`~monai_hsrdiff.export.dicom_out.read_source_instances`)."""
+        if self.dicom_out:
+            from monai_hsrdiff.export.dicom_out import read_source_instances
+
+            self._instances = read_source_instances(source)
+
     def __call__(self, prediction: VolumePrediction, source: SourceVolume, summary: dict[str, Any] | None = None) -> Path:
         """Write the case (:func:`write_case`); return the folder."""
-        return write_case(self.output_dir, prediction, source, summary, self.overwrite)
+        if self.dicom_out and self._instances is None:
+            self.check_source(source)
+        return write_case(self.output_dir, prediction, source, summary, self.overwrite, self._instances)

@@ -210,7 +210,8 @@ def run_case(
         input: the scan: a folder, a file, or a list of files.
         reader, inferer: see :class:`CaseReader`, :class:`VolumeInferer`.
         writer: ``prepare(inputs, log) -> Path`` and ``__call__(prediction, source, summary) -> Path``
-            (``monai_hsrdiff.export.SlicerCaseWriter``).
+            (``monai_hsrdiff.export.SlicerCaseWriter``); an optional ``check_source(source)`` runs
+            after the scan is read and before sampling.
         checkpoint: weights to load into the inferer's network first (``model.pt`` or a resume checkpoint).
         summary: extra fields for ``summary.json``.
         log: progress sink or ``None``.
@@ -230,6 +231,8 @@ def run_case(
         load_network_weights(checkpoint, inferer.network, reader.task.name, option="--checkpoint")
     source, region, pp = reader(input)
     inferer.check(source)
+    if hasattr(writer, "check_source"):  # e.g. the DICOM headers --dicom-out references, before any sampling
+        writer.check_source(source)
     t_read = time.perf_counter() - t0
     sampling = inferer.summary()
     steps = "all" if sampling["num_inference_steps"] is None else sampling["num_inference_steps"]
