@@ -474,6 +474,11 @@ def test_pipeline_with_the_dynamic_network(process):
     assert out.samples.shape == (2, 2, 1, 16, 16) and torch.isfinite(out.samples).all()
     assert out.kappa.shape == (3, 2, 2) and ((out.kappa > 0) & (out.kappa < 1)).all()
     torch.testing.assert_close(out.kappa_trace, out.kappa.mean(dim=(1, 2)))
+    # network chunks of one item: the per-pixel weights are concatenated along the batch like eps and x0
+    one = HSRDiffPipeline(net, DDIMSampler(process, num_inference_steps=3), max_batch_size=1)
+    chunked = one(c, num_samples=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(chunked.samples, out.samples, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked.kappa, out.kappa, rtol=1e-5, atol=1e-6)
 
 
 def test_training_losses_draws_reproducible_timesteps(process):
