@@ -32,7 +32,7 @@ __all__ = ["bundle_modality", "case_name", "default_item_spacing", "infer", "mai
 
 # the names of monai_hsrdiff.diffusion's SAMPLERS and PRECISIONS (tests/test_inference.py checks
 # they agree), written here so that a bad --out is refused before torch and MONAI are imported
-SAMPLER_NAMES = ("ddim", "ddpm")
+SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde")
 PRECISION_NAMES = ("bfloat16", "float16", "float32")
 
 
@@ -109,7 +109,7 @@ def infer(
 
     Args map to config keys: ``out`` -> ``output_dir`` (default ``<run_dir>/inference/<case>``),
     ``checkpoint`` (default ``<run_dir>/checkpoints/model.pt``), ``num_samples``, ``sampler``,
-    ``steps`` -> ``sampling_steps`` (DDIM only), ``eta`` -> ``sampler_eta``, ``precision``,
+    ``steps`` -> ``sampling_steps`` (not DDPM), ``eta`` -> ``sampler_eta``, ``precision``,
     ``seed``, ``series_uid``, ``slices``, ``center``/``size``/``region_units`` -> ``region_*``,
     ``overwrite``, ``allow_modality_mismatch``, ``dicom_out`` (or the config's). ``configs``: override files
     merged after ``train.json`` and ``inference.json`` (e.g. ``bundles/lidc/demo.json``).
@@ -154,9 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="case folder to create (default <run_dir>/inference/<case>)")
     p.add_argument("--num-samples", type=int, default=None, help="N samples (default from inference.json)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None)
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (DDPM always runs all T)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM / DPM-Solver++ steps (DDPM always runs all T)")
     p.add_argument("--eta", type=float, default=None,
-                   help="DDIM noise level in [0, 1] (default from inference.json: 1.0; 0 = deterministic DDIM)")
+                   help="noise level in [0, 1] of ddim and dpmpp_2m_sde (default from inference.json: 1.0; 0 = deterministic)")
     p.add_argument("--precision", choices=PRECISION_NAMES, default=None,
                    help="sampling precision (default from inference.json: float32); bfloat16 is ~1.7-1.9x faster per step on "
                         "CPUs with bf16 units; GED16 moved by up to ~5 %% in benchmarks/README.md")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from monai_hsrdiff.diffusion.process import ModelOutput, randn
-from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler
+from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 
 __all__ = ["CPU_PIXELS_PER_CALL", "PRECISIONS", "HSRDiffPipeline", "SamplingOutput", "auto_batch_size", "resolve_autocast_dtype"]
 
@@ -51,7 +51,7 @@ class SamplingOutput:
 
 
 class HSRDiffPipeline:
-    """Draw ``num_samples`` label hypotheses per condition image with a DDPM or DDIM sampler.
+    """Draw ``num_samples`` label hypotheses per condition image with a DDPM, DDIM or DPM-Solver++ sampler.
 
     Like a diffusers pipeline it owns the model and the sampler, and with them every sampling
     setting: the step count and η (on the sampler, :func:`~monai_hsrdiff.diffusion.get_sampler`),
@@ -62,7 +62,9 @@ class HSRDiffPipeline:
     Args:
         model: an HSRDiff network (``monai_hsrdiff.networks.HSRDiff``): ``encode_condition`` and
             ``forward(x, timesteps, condition_features=...)``, ``out_channels`` = M.
-        sampler: a :class:`DDPMSampler` or :class:`DDIMSampler`, with its own step count.
+        sampler: a :class:`DDPMSampler`, :class:`DDIMSampler` or :class:`DPMSolverSampler`, with its
+            own step count; it is stepped once per timestep on all B·N items (so a multistep solver
+            sees one trajectory and every step draws one noise tensor, whatever the chunking).
         autocast_dtype: run the network (E_c and every denoising step) under ``torch.autocast``
             with this dtype, e.g. ``torch.bfloat16`` on CPUs with bf16 matrix units or
             ``torch.float16`` on GPUs (names "bfloat16" / "float16" work too, as in bundle
@@ -84,7 +86,7 @@ class HSRDiffPipeline:
     def __init__(
         self,
         model: nn.Module,
-        sampler: DDPMSampler | DDIMSampler,
+        sampler: DDPMSampler | DDIMSampler | DPMSolverSampler,
         autocast_dtype: torch.dtype | str | None = None,
         max_batch_size: int | str | None = "auto",
     ) -> None:
