@@ -13,14 +13,39 @@ from monai.utils import convert_to_tensor
 
 from monai_hsrdiff.diffusion.pipeline import HSRDiffPipeline
 from monai_hsrdiff.engines.trainer import own_error
+from monai_hsrdiff.errors import fail
 from monai_hsrdiff.metrics import entropy_map
 
-__all__ = ["HSRDiffEvaluator", "lower_is_better", "samples_to_masks"]
+__all__ = ["GED100_SAMPLES", "HSRDiffEvaluator", "check_ged100", "lower_is_better", "samples_to_masks"]
+
+#: GED over this many samples (ATFM, KANResDif): the bundles' opt-in ``eval_ged100``
+GED100_SAMPLES = 100
 
 
 def lower_is_better(current: float, best: float) -> bool:
     """``metric_cmp_fn`` for GED (smaller is better)."""
     return current < best
+
+
+def check_ged100(eval_ged100: Any, eval_num_samples: Any) -> None:
+    """Start-up check of evaluate.json's ``eval_ged100``: a bool, and with it on, enough samples.
+
+    GED100 scores the first 100 samples of each item, so it needs ``eval_num_samples >= 100``
+    (the N=16/32 metrics then use the first 16/32 of the same draw). It is opt-in because the
+    sampling cost grows with the sample count: 100 instead of 32 samples per item.
+
+    Raises:
+        BundleError: (``errors.fail``: one ``ERROR:`` line) naming both keys and the fix.
+    """
+    if not isinstance(eval_ged100, bool):
+        raise fail(f"eval_ged100 = {eval_ged100!r}: must be a boolean (True: also GED over {GED100_SAMPLES} samples)")
+    if eval_ged100 and (isinstance(eval_num_samples, bool) or not isinstance(eval_num_samples, int)
+                        or eval_num_samples < GED100_SAMPLES):  # fmt: skip
+        raise fail(
+            f"eval_ged100 is on, so eval_num_samples must be >= {GED100_SAMPLES} (GED100 scores the first "
+            f"{GED100_SAMPLES} samples of each item), got eval_num_samples = {eval_num_samples!r}: add "
+            f"--eval_num_samples {GED100_SAMPLES}, or leave eval_ged100 False"
+        )
 
 
 def samples_to_masks(samples: torch.Tensor) -> torch.Tensor:
@@ -48,7 +73,8 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         pipeline: how to sample: an :class:`~monai_hsrdiff.diffusion.HSRDiffPipeline` over
             ``network`` (its sampler with steps and eta, precision, chunking); the bundles'
             ``validate#pipeline``.
-        num_samples: N samples per image (the metrics' subscript; 32 covers N=16 and N=32).
+        num_samples: N samples per image (the metrics' subscript; 32 covers N=16 and N=32, 100 adds
+            GED100; the bundles' start-up check is :func:`check_ged100`).
         seed: seeds the sampling noise at the start of every evaluation run, so repeated
             evaluations of one checkpoint give identical numbers.
         progress: a tqdm bar per batch of images.

@@ -1,7 +1,8 @@
-"""Sample-set metrics of stochastic segmentation (GED, HM-IoU, MDM, fused IoU, entropy) and their
+"""Sample-set metrics of stochastic segmentation (GED, HM-IoU, MDM, fused IoU, entropy, ECE) and their
 MONAI cumulative wrappers. Conventions: ``docs/metrics.md``."""
 
-from .cumulative import FusedIoUMetric, GEDMetric, HMIoUMetric, MDMMetric, MeanEntropyMetric, SampleSetMetric
+from .calibration import ECE_REGIONS, expected_calibration_error
+from .cumulative import ECEMetric, FusedIoUMetric, GEDMetric, HMIoUMetric, MDMMetric, MeanEntropyMetric, SampleSetMetric
 from .functional import (
     GEDTerms,
     entropy_map,
@@ -15,6 +16,8 @@ from .functional import (
 )
 
 __all__ = [
+    "ECE_REGIONS",
+    "ECEMetric",
     "FusedIoUMetric",
     "GEDMetric",
     "GEDTerms",
@@ -23,6 +26,7 @@ __all__ = [
     "MeanEntropyMetric",
     "SampleSetMetric",
     "entropy_map",
+    "expected_calibration_error",
     "fused_iou",
     "generalized_energy_distance",
     "hungarian_matched_iou",
