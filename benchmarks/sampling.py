@@ -7,7 +7,9 @@ step does not depend on the weights):
     condition IMAGE at every step (``model(x, t, condition=c)``, so E_c runs T·N times), 250 steps;
 (b) :class:`~monai_hsrdiff.diffusion.HSRDiffPipeline` with :class:`DDPMSampler`: E_c once per
     image, the N samples in one batch, ``torch.inference_mode``, 250 steps;
-(c) the same pipeline with :class:`DDIMSampler` (eta=0) at 25 / 50 / 100 steps.
+(c) the same pipeline with :class:`DDIMSampler` (eta=0) at 25 / 50 / 100 steps;
+(d) the same pipeline with SDE-DPM-Solver++(2M) (:class:`DPMSolverSampler`, eta=1) at the same
+    step counts (same network calls; it shows that the solver's arithmetic costs nothing).
 
 Full-length runs at 128x128 take hours on 2 CPU cores, so each variant is timed over
 ``--timed-steps`` steps (interleaved with the others, ``--repeats`` rounds, median) and the
@@ -59,6 +61,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.vmap_decoders import VmapDecoders, forward_vmap_decoders  # noqa: E402
 from monai_hsrdiff.diffusion import DDIMSampler, DDPMSampler, DiffusionSchedule, HSRDiffPipeline, SelfRegulatedDiffusion  # noqa: E402
+from monai_hsrdiff.diffusion import DPMSolverSampler, get_sampler  # noqa: E402
 from monai_hsrdiff.diffusion.process import randn  # noqa: E402
 from monai_hsrdiff.networks import get_preset  # noqa: E402
 
@@ -191,7 +194,8 @@ def ged_check(args, rows: list, data: dict) -> None:
 
 
 def _ged_variant(spec: str, process: SelfRegulatedDiffusion) -> tuple[str, Any, bool]:
-    """``ddpm[:bf16]`` or ``ddim:<steps>[:<eta>][:bf16]`` -> (row name, sampler with its steps, bf16)."""
+    """``ddpm[:bf16]``, ``ddim:<steps>[:<eta>][:bf16]``, ``dpmpp_2m:<steps>[:bf16]`` or
+    ``dpmpp_2m_sde:<steps>[:<eta>][:bf16]`` -> (row name, sampler with its steps, bf16)."""
     parts = spec.split(":")
     bf16 = parts[-1] == "bf16"
     parts = parts[:-1] if bf16 else parts
@@ -201,7 +205,14 @@ def _ged_variant(spec: str, process: SelfRegulatedDiffusion) -> tuple[str, Any, 
         steps, eta = int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
         name = f"DDIM {steps}" + (f" eta={eta:g}" if eta else "") + (" bf16" if bf16 else "")
         return name, DDIMSampler(process, eta=eta, num_inference_steps=steps), bf16
-    raise SystemExit(f"--ged-variants: cannot read {spec!r}; write ddpm[:bf16] or ddim:<steps>[:<eta>][:bf16]")
+    sde = parts[0] == "dpmpp_2m_sde"
+    if (parts[0] == "dpmpp_2m" and len(parts) == 2) or (sde and len(parts) in (2, 3)):
+        steps, eta = int(parts[1]), float(parts[2]) if len(parts) == 3 else 1.0  # the ODE ignores eta
+        name = f"DPM++2M{' SDE' if sde else ''} {steps}" + (f" eta={eta:g}" if sde and eta != 1.0 else "")
+        name += " bf16" if bf16 else ""
+        return name, get_sampler(parts[0], process, eta=eta, num_inference_steps=steps), bf16
+    raise SystemExit(f"--ged-variants: cannot read {spec!r}; write ddpm[:bf16], ddim:<steps>[:<eta>][:bf16], "
+                     "dpmpp_2m:<steps>[:bf16] or dpmpp_2m_sde:<steps>[:<eta>][:bf16]")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -244,8 +255,10 @@ def run(args: argparse.Namespace) -> Path:
             fns = {"a": lambda: literal_algorithm2(model, cond, na, short, gen()), "ec": lambda: encode_once(model, cond)}
             for name, (net, dt) in configs.items():
                 pipe_b, pipe_c = HSRDiffPipeline(net, DDPMSampler(short), dt), HSRDiffPipeline(net, DDIMSampler(full, num_inference_steps=k), dt)
+                pipe_d = HSRDiffPipeline(net, DPMSolverSampler(full, sde=True, num_inference_steps=k), dt)
                 fns[f"b|{name}"] = lambda p=pipe_b: pipeline_samples(p, cond, n, gen())
                 fns[f"c|{name}"] = lambda p=pipe_c: pipeline_samples(p, cond, n, gen())
+                fns[f"d|{name}"] = lambda p=pipe_d: pipeline_samples(p, cond, n, gen())
             med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
             # (b) and (c) run E_c once per call: time = E_c + k steps; (a) runs it inside every step
             ec = med.pop("ec")
@@ -261,13 +274,15 @@ def run(args: argparse.Namespace) -> Path:
             totals["(b) DDPM pipeline, 250 steps"] = {name: ec + per_step[f"b|{name}"] * T for name in configs}
             for st in args.ddim_steps:
                 totals[f"(c) DDIM pipeline, {st} steps"] = {name: ec + per_step[f"c|{name}"] * st for name in configs}
+            for st in args.ddim_steps:
+                totals[f"(d) DPM-Solver++(2M) SDE pipeline, {st} steps"] = {name: ec + per_step[f"d|{name}"] * st for name in configs}
             rows = [[variant] + [f"{cells[name]:.1f} s ({ref / cells[name]:.1f}x)" if name in cells else "-" for name in configs]
                     for variant, cells in totals.items()]  # fmt: skip
             md.append(f"\n### Time per image and speed-up against (a), N={n} samples, {size}x{size}, hsrdiff_light "
                       f"({model.num_parameters():,} parameters), {args.threads} thread(s)\n\nExtrapolated from {k} timed "
                       f"steps per variant (median of {args.repeats} interleaved rounds); (a) timed on {na} of the {n} "
-                      f"samples and scaled by {n}/{na}; (b) and (c) as E_c once ({ec:.2f} s, timed alone, fp32) + "
-                      f"steps x (time per call - E_c) / {k}. (b) and (c) use the pipeline's default chunking "
+                      f"samples and scaled by {n}/{na}; (b), (c) and (d) as E_c once ({ec:.2f} s, timed alone, fp32) + "
+                      f"steps x (time per call - E_c) / {k}. (b), (c) and (d) use the pipeline's default chunking "
                       f"(max_batch_size='auto').\n\n" + markdown_table(["variant", *configs], rows))  # fmt: skip
             data["per_step_seconds"] = per_step
             data["condition_encoder_seconds"] = ec
@@ -411,7 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ged-items", type=int, default=16)
     p.add_argument("--ged-bf16-ddpm", action="store_true", help="also score DDPM-250 under bf16 autocast")
     p.add_argument("--ged-variants", nargs="+", default=None,
-                   help="samplers to score instead of the default set: ddpm[:bf16] or ddim:<steps>[:<eta>][:bf16]")
+                   help="samplers to score instead of the default set: ddpm[:bf16], ddim:<steps>[:<eta>][:bf16], "
+                        "dpmpp_2m:<steps>[:bf16] or dpmpp_2m_sde:<steps>[:<eta>][:bf16] (eta default 1)")
     p.add_argument("--ged-reference", default=None,
                    help="JSON of an earlier run (same checkpoint, items, seed) to take DDPM 250 from instead of rerunning it")
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None)

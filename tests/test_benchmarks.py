@@ -42,6 +42,7 @@ def test_sampling_quick(tmp_path):
     assert 0 < bf16["max_abs_diff"] < 0.5 and bf16["mask_agreement"] > 0.9
     names = list(data["seconds_per_image"])
     assert names[0].startswith("(a)") and names[1].startswith("(b)") and sum(n.startswith("(c)") for n in names) == 3
+    assert sum(n.startswith("(d) DPM-Solver++(2M) SDE") for n in names) == 3
     assert set(data["seconds_per_image"][names[1]]) == {"fp32", "bf16 + channels-last"}
     cells = [v for row in data["seconds_per_image"].values() for v in row.values()]
     assert all(math.isfinite(v) for v in cells)

@@ -261,3 +261,15 @@ def test_pipeline_sde_reproducible_and_not_the_ode(process):
     ode = run("dpmpp_2m")
     assert (sde - ode).abs().max() > 0.1  # the same x_T (first draw), but the SDE adds noise at every step
     torch.testing.assert_close(run("dpmpp_2m_sde", eta=0.0), ode, rtol=0, atol=0)  # η=0: the ODE exactly
+
+
+def test_benchmark_reads_the_solver_specs(process):
+    """benchmarks/sampling.py --ged-variants: dpmpp_2m:<steps>[:bf16], dpmpp_2m_sde:<steps>[:<eta>][:bf16]."""
+    from benchmarks.sampling import _ged_variant
+
+    name, smp, bf16 = _ged_variant("dpmpp_2m_sde:10:0.5:bf16", process)
+    assert name == "DPM++2M SDE 10 eta=0.5 bf16" and bf16 and smp.settings["eta"] == 0.5 and smp.num_inference_steps == 10
+    name, smp, bf16 = _ged_variant("dpmpp_2m:5", process)
+    assert name == "DPM++2M 5" and not bf16 and smp.settings == {"sampler": "dpmpp_2m", "num_inference_steps": 5, "eta": None}
+    with pytest.raises(SystemExit, match="cannot read 'dpmpp_2m:5:0.5'"):
+        _ged_variant("dpmpp_2m:5:0.5", process)  # the ODE has no eta
