@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from monai.bundle import ConfigParser
 
+from monai_hsrdiff.config_check import check_command
 from monai_hsrdiff.diffusion import (
     SAMPLERS,
     DDIMSampler,
@@ -273,3 +275,21 @@ def test_benchmark_reads_the_solver_specs(process):
     assert name == "DPM++2M 5" and not bf16 and smp.settings == {"sampler": "dpmpp_2m", "num_inference_steps": 5, "eta": None}
     with pytest.raises(SystemExit, match="cannot read 'dpmpp_2m:5:0.5'"):
         _ged_variant("dpmpp_2m:5:0.5", process)  # the ODE has no eta
+
+
+@pytest.mark.parametrize("task", ["lidc", "ms_lesion"])
+def test_bundles_build_the_solver(task):
+    """The bundles' sampler keys reach get_sampler: val_sampler (train.json) and sampler (inference.json)."""
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / task
+    files = [str(bundle / "train.json"), str(bundle / "demo.json")]
+    assert check_command(task, ["run", "training", "--config_file", repr(files), "--val_sampler", "dpmpp_2m_sde"]) is not None
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update({"val_sampler": "dpmpp_2m_sde", "val_sampling_steps": 10})
+    smp = parser.get_parsed_content("validate#sampler")
+    assert isinstance(smp, DPMSolverSampler) and smp.settings == {"sampler": "dpmpp_2m_sde", "num_inference_steps": 10, "eta": 1.0}
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "train.json"), str(bundle / "inference.json")])
+    parser.update({"sampler": "dpmpp_2m", "sampling_steps": 8})
+    smp = parser.get_parsed_content("pipeline#sampler")
+    assert isinstance(smp, DPMSolverSampler) and smp.settings == {"sampler": "dpmpp_2m", "num_inference_steps": 8, "eta": None}
