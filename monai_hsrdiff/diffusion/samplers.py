@@ -347,7 +347,7 @@ class DPMSolverSampler(_StridedSampler):
         self._last = None
 
     def _lambda(self, t: int) -> float:
-        """λ(t) = log(α_t/σ_t) = log(ᾱ_t/(1-ᾱ_t))/2 (t >= 0; +inf at the clean end t = -1)."""
+        """λ(t) = log(α_t/σ_t) = log(ᾱ_t/(1-ᾱ_t))/2 for t >= 0 (the clean end, λ = +∞, is handled in ``step``)."""
         a = self._alpha_bar(t)
         return 0.5 * (math.log(a) - math.log1p(-a))
 
@@ -377,7 +377,9 @@ class DPMSolverSampler(_StridedSampler):
         before = None if first else self._last
         self._last = (t, d)
         if t_next < 0:
-            # σ = 0 at the clean end: x_0 = D (h = ∞, every other term vanishes)
+            # σ = 0 at the clean end: x_0 = D (h = ∞, every other term vanishes); the trajectory ends,
+            # so its D is not kept alive
+            self._last = None
             return SamplerStepOutput(d.clone(), d, kappa)
         a_t, a_next = self._alpha_bar(t), self._alpha_bar(t_next)
         h = self._lambda(t_next) - self._lambda(t)
