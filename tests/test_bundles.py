@@ -27,7 +27,8 @@ from monai_hsrdiff.engines import samples_to_masks
 TASKS = ("lidc", "ms_lesion")
 
 # The metric ranges: GED with d = 1 - IoU is in [0, 2]; HM-IoU, MDM and fused IoU are IoUs in [0, 1].
-RANGES = {"ged": (0.0, 2.0), "hm_iou": (0.0, 1.0), "mdm": (0.0, 1.0), "fused_iou": (0.0, 1.0), "entropy": (0.0, 1.0)}
+RANGES = {"ged": (0.0, 2.0), "hm_iou": (0.0, 1.0), "mdm": (0.0, 1.0), "fused_iou": (0.0, 1.0), "entropy": (0.0, 1.0),
+          "ece": (0.0, 1.0), "ece_fg": (0.0, 1.0)}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -149,6 +150,7 @@ def test_train_then_evaluate(task: str, run_bundle, bundle_env, demo_data: Path,
     )  # fmt: skip
     assert res.returncode == 0, res.output[-3000:]
     names = {f"val_{m}{n}" for m in ("ged", "hm_iou", "mdm") for n in (16, 32)} | {"val_fused_iou16", "val_entropy16"}
+    names |= {"val_ece32", "val_ece_fg32"}
     names |= {"test_" + n.removeprefix("val_") for n in names}  # eval_split test; val_* kept as deprecated aliases
     metrics = _check_metrics(run_dir / "eval" / "metrics.json", names)
     for name in names - {n for n in names if n.startswith("val_")}:
