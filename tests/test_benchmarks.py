@@ -89,6 +89,42 @@ def test_quality_quick(tmp_path):
     assert "| eps, no condition | 1 |" in md and "reference: the 4 annotations" in md
 
 
+def test_kappa_quick(tmp_path):
+    """The kappa study: per-item metrics, kappa(t) beside the closed-form optimum, paired CIs, the figure."""
+    import numpy as np
+
+    from benchmarks.common import paired_bootstrap_ci
+
+    r = _run("kappa", tmp_path, "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"))
+    data = r["data"]
+    assert data["status"].startswith("complete")
+    assert [v["variant"] for v in data["variants"]] == ["paper", "normalized_detach"]
+    for run in data["runs"]:
+        d = run["diagnostics"]
+        assert d["t"][0] == 0 and d["t"][-1] == 249 and len(d["kappa_mean"]) == len(d["t"])
+        assert all(0.0 <= k <= 1.0 for k in d["kappa_mean"] + d["kappa_opt_mean"])
+        assert all(g > 0 for g in d["grad_kappa_head"])  # L_u reaches the kappa head at every t
+        assert len(run["ged_16"]) == 2  # per item, for the paired comparison
+    # the bracket is the paired difference to the paper variant, recomputed here from the per-item values
+    paper, other = data["runs"]
+    diff = data["variants"][1]["ged_16_minus_paper"]
+    assert diff["mean"] == pytest.approx(float(np.mean(other["ged_16"]) - np.mean(paper["ged_16"])))
+    assert diff["ci95"] == pytest.approx(list(paired_bootstrap_ci(other["ged_16"], paper["ged_16"])[1:]))
+    assert (tmp_path / "kappa.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| t | L_u (paper) |" in r["md"]
+
+
+def test_paired_bootstrap_ci_closed_cases():
+    from benchmarks.common import paired_bootstrap_ci
+
+    # a constant difference has a zero-width interval at that difference
+    assert paired_bootstrap_ci([3.0, 4.0, 5.0], [1.0, 2.0, 3.0]) == pytest.approx((2.0, 2.0, 2.0))
+    mean, lo, hi = paired_bootstrap_ci([0.0, 1.0] * 50, [0.0] * 100)
+    assert mean == 0.5 and lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.05, rel=0.15)
+    with pytest.raises(ValueError, match="2 pairs"):
+        paired_bootstrap_ci([1.0], [2.0])
+
+
 def test_pipeline_autocast_dtype():
     """The opt-in bf16 autocast of HSRDiffPipeline (added for the sampling benchmark)."""
     import torch
