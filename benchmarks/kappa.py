@@ -15,7 +15,8 @@ then measured on the test items:
 
 Writes ``<out>.md``, ``<out>.json`` (after every run, so a stopped run keeps what it finished),
 ``<out>.jsonl`` (one record per run, for ``--resume``) and ``<out>.png`` (the κ(t) figure).
-Checkpoints go to ``<work>/<variant>_s<seed>.pt`` and are reused when present.
+Checkpoints go to ``<work>/<variant>_s<seed>.pt`` and are reused when present (``--score-only``
+scores only those, e.g. with another ``--eta``, and trains nothing).
 
 Run (32x32, 250 iterations, 3 seeds, ~2-3 min per run with 1 thread)::
 
@@ -240,6 +241,8 @@ def run(args: argparse.Namespace) -> Path:
                 continue
             ckpt = work / f"{key}_s{seed}.pt"
             proc = VARIANTS[key]["proc"]
+            if args.score_only and not ckpt.is_file():
+                continue
             if ckpt.is_file():
                 saved = torch.load(ckpt, map_location="cpu", weights_only=False)
                 net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **saved["config"])
@@ -285,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                    help="record that other jobs shared the machine (--shared) or not (--no-shared)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="skip (variant, seed) pairs already in <out>.jsonl")
+    p.add_argument("--score-only", action="store_true",
+                   help="train nothing: score the (variant, seed) checkpoints already in --work, skip the others")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.num_items, args.iterations, args.batch_size = 16, 24, 3, 4
