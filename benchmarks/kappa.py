@@ -270,35 +270,16 @@ def run(args: argparse.Namespace) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 16x16, 3 iterations, 2 variants, 2 items")
-    p.add_argument("--size", type=int, default=32, help="image size (demo data built at this size)")
-    p.add_argument("--num-items", type=int, default=300, help="demo items to build when the data folder is empty")
-    p.add_argument("--data", default=None, help="demo data folder (default <repo>/data/bench_demo_lidc_<size>)")
-    p.add_argument("--work", default=None, help="checkpoint folder (default <repo>/runs/bench_kappa_<size>)")
-    p.add_argument("--out", default=None, help="result stem (default benchmarks/results/kappa_lidc<size>)")
+    quality.add_demo_run_args(p, "kappa")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--iterations", type=int, default=250)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-items", type=int, default=24, help="first K test items scored (0: all)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1: the bundles' default)")
-    p.add_argument("--max-batch", type=int, default=256, help="largest sampling batch")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: see benchmarks/quality.py)")
-    p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
-                   help="record that other jobs shared the machine (--shared) or not (--no-shared)")  # fmt: skip
-    p.add_argument("--resume", action="store_true", help="skip (variant, seed) pairs already in <out>.jsonl")
     p.add_argument("--score-only", action="store_true",
                    help="train nothing: score the (variant, seed) checkpoints already in --work, skip the others")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.num_items, args.iterations, args.batch_size = 16, 24, 3, 4
         args.variants, args.seeds, args.eval_items, args.steps = ["paper", "normalized_detach"], [0], 2, 2
-    if args.size % 4:
-        p.error(f"--size must be divisible by 4 (3 network levels), got {args.size}")
-    args.data = args.data or str(REPO_ROOT / "data" / f"bench_demo_lidc_{args.size}")
-    args.work = args.work or str(REPO_ROOT / "runs" / f"bench_kappa_{args.size}")
-    args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / f"kappa_lidc{args.size}")
+    quality.complete_demo_run_args(p, args, "kappa")
     return args
 
 

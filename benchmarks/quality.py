@@ -295,42 +295,52 @@ def run(args: argparse.Namespace) -> Path:
     return out.with_suffix(".md")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny smoke run: 16x16, 3 iterations, 2 rows, 1 seed, 2 items")
+def add_demo_run_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The options of a demo-data training study (``quality.py``, ``kappa.py``): data, training, scoring, machine."""
     p.add_argument("--size", type=int, default=32, help="image size (demo data built at this size)")
     p.add_argument("--num-items", type=int, default=300, help="demo items to build when the data folder is empty")
     p.add_argument("--data", default=None, help="demo data folder (default <repo>/data/bench_demo_lidc_<size>)")
-    p.add_argument("--work", default=None, help="checkpoint folder (default <repo>/runs/bench_quality_<size>)")
-    p.add_argument("--out", default=None, help="result stem (default benchmarks/results/quality_lidc<size>)")
-    p.add_argument("--rows", nargs="+", default=list(TABLE6), choices=list(ROWS),
-                   help="rows to run (default: the paper's six Table 6 rows; dual_mix is the old fixed-mix stand-in)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--work", default=None, help=f"checkpoint folder (default <repo>/runs/bench_{name}_<size>)")
+    p.add_argument("--out", default=None, help=f"result stem (default benchmarks/results/{name}_lidc<size>)")
     p.add_argument("--iterations", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-items", type=int, default=24, help="first K test items scored (0: all)")
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1: stochastic, the bundles' default; 0: deterministic)")
-    p.add_argument("--reuse-checkpoints", action="store_true",
-                   help="score the checkpoints already in --work instead of training them again")
     p.add_argument("--max-batch", type=int, default=256, help="largest sampling batch")
     p.add_argument("--threads", type=int, default=1, help="1: the results do not depend on it, and 2 threads on a "
                    "shared 2-core machine ran 10-50x slower")
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                    help="record that other jobs shared the machine (--shared) or not (--no-shared)")  # fmt: skip
-    p.add_argument("--resume", action="store_true", help="skip (row, seed) pairs already in <out>.jsonl")
+    p.add_argument("--resume", action="store_true", help="skip the runs already in <out>.jsonl")
+
+
+def complete_demo_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:
+    """Check ``--size`` and fill the default data, work and result paths of :func:`add_demo_run_args`."""
+    if args.size % 4:
+        p.error(f"--size must be divisible by 4 (3 network levels), got {args.size}")
+    args.data = args.data or str(REPO_ROOT / "data" / f"bench_demo_lidc_{args.size}")
+    args.work = args.work or str(REPO_ROOT / "runs" / f"bench_{name}_{args.size}")
+    args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / f"{name}_lidc{args.size}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: 16x16, 3 iterations, 2 rows, 1 seed, 2 items")
+    add_demo_run_args(p, "quality")
+    p.add_argument("--rows", nargs="+", default=list(TABLE6), choices=list(ROWS),
+                   help="rows to run (default: the paper's six Table 6 rows; dual_mix is the old fixed-mix stand-in)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--reuse-checkpoints", action="store_true",
+                   help="score the checkpoints already in --work instead of training them again")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.num_items, args.iterations, args.batch_size = 16, 24, 3, 4
         args.rows, args.seeds, args.eval_items, args.steps = ["eps_none", "dual_nomix"], [0], 2, 2
-    if args.size % 4:
-        p.error(f"--size must be divisible by 4 (3 network levels), got {args.size}")
-    args.data = args.data or str(REPO_ROOT / "data" / f"bench_demo_lidc_{args.size}")
-    args.work = args.work or str(REPO_ROOT / "runs" / f"bench_quality_{args.size}")
-    args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / f"quality_lidc{args.size}")
+    complete_demo_run_args(p, args, "quality")
     if args.num_samples < 16:
         p.error(f"--num-samples must be >= 16 (the metrics use N=16), got {args.num_samples}")
     return args
