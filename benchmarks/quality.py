@@ -70,6 +70,11 @@ from monai_hsrdiff.metrics import sample_set_metrics  # noqa: E402
 from monai_hsrdiff.networks import get_preset  # noqa: E402
 from monai_hsrdiff.networks.hsrdiff import TABLE6_ROWS  # noqa: E402
 
+#: The bundles' L_u setting (``bundles/lidc/train.json``), so the SRDiff row trains as the bundles do.
+BUNDLE_UNIFICATION: dict[str, Any] = {
+    k: json.loads((REPO_ROOT / "bundles" / "lidc" / "train.json").read_text())[k]
+    for k in ("unification_weighting", "unification_detach")
+}
 #: Rows: key -> (label, network overrides, training-process kwargs, sampling dual_weights by suffix).
 #: The first six are the paper's Table 6 in its order (network switches from TABLE6_ROWS).
 ROWS: dict[str, dict[str, Any]] = {
@@ -85,7 +90,8 @@ ROWS: dict[str, dict[str, Any]] = {
     },
     # the process defaults for a per-pixel weight: L_u on, predictions detached inside it
     "dynamic": {"label": "+ dual output (Benny & Wolf, per-pixel weight)", "net": TABLE6_ROWS["dynamic"], "proc": {}},
-    "srdiff": {"label": "SRDiff (learned kappa)", "net": TABLE6_ROWS["srdiff"], "proc": {}},
+    # the bundles' L_u (normalised per t, predictions detached; DECISIONS.md), read from train.json
+    "srdiff": {"label": "SRDiff (learned kappa)", "net": TABLE6_ROWS["srdiff"], "proc": BUNDLE_UNIFICATION},
     # not a Table 6 row: what stood in for row 5 before issue 14; kept for the earlier results files
     "dual_mix": {
         "label": "(not in Table 6) eps & x0, fixed mix kappa=0.5",
@@ -221,7 +227,14 @@ def summarise(runs: list[dict], refs: dict[str, dict]) -> tuple[str, list[dict]]
             rec[m] = {"mean": mean, "sd": sd, "values": vals}
             cells.append(f"{mean:.3f} ± {sd:.3f}" if len(vals) > 1 else f"{mean:.3f}")
         kap = [r["mean_kappa"] for r in done if "mean_kappa" in r]
-        cells.append(f"{statistics.fmean(kap):.3f}" if kap else "")
+        curves = [r["kappa_t"] for r in done if "kappa_t" in r]
+        profile = ""
+        if curves:  # kappa (optimal kappa*) at the first and last t of the grid, mean over seeds
+            k0, k1, o0, o1 = (statistics.fmean(c[key][i] for c in curves)
+                              for key, i in (("kappa_mean", 0), ("kappa_mean", -1), ("kappa_opt_mean", 0), ("kappa_opt_mean", -1)))  # fmt: skip
+            t0, t1 = curves[0]["t"][0], curves[0]["t"][-1]
+            profile = f"; t={t0:g}: {k0:.2f} (kappa* {o0:.2f}), t={t1:g}: {k1:.2f} (kappa* {o1:.2f})"
+        cells.append((f"{statistics.fmean(kap):.3f}" if kap else "") + profile)
         rows_md.append(cells)
         records.append(rec)
     for key, res in refs.items():
@@ -283,6 +296,11 @@ def run(args: argparse.Namespace) -> Path:
             for suffix, weight in ROWS[row].get("sample", {"": proc.get("dual_weight", 0.5)}).items():
                 res = evaluate(net, images, masks, weight, args.sampler, args.steps, args.num_samples, args.max_batch,
                                eta=args.eta)  # fmt: skip
+                if ROWS[row]["net"]["prediction"] == "srdiff":  # kappa(t) against the optimum, as kappa.py records it
+                    from benchmarks.kappa import kappa_diagnostics  # here: kappa.py imports this module
+
+                    diag = kappa_diagnostics(net, SelfRegulatedDiffusion(**proc), images, masks)
+                    res["kappa_t"] = {k: diag[k] for k in ("t", "kappa_mean", "kappa_sd", "kappa_opt_mean")}
                 rec = {"row": row + suffix, "seed": seed, **info, **res}
                 runs.append(rec)
                 with open(jsonl, "a", encoding="utf-8") as f:

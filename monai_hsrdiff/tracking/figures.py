@@ -65,8 +65,10 @@ class FiguresHandler:
         return "kappa_t", "eval_kappa_mean", "eval"
 
     def _title(self, suffix: str) -> str:
-        role = "validation" if self.run.role == "training" else "evaluation"
-        return f"{Path(self.run.run_dir).name} {role} {suffix}"
+        # "lidc_demo validation, epoch 12" / "lidc_demo evaluation" (the suffix "eval" would repeat it)
+        if self.run.role == "training":
+            return f"{Path(self.run.run_dir).name} validation, epoch {int(suffix.rsplit('_', 1)[-1])}"
+        return f"{Path(self.run.run_dir).name} evaluation"
 
     def _log_kappa(self, engine: Engine) -> None:
         trace = getattr(engine.state, "kappa_trace", None)
