@@ -87,6 +87,7 @@ def kappa_diagnostics(net: torch.nn.Module, process: SelfRegulatedDiffusion, ima
     kappa_head = list(net.kappa_head.parameters())
     rows: dict[str, list[float]] = {k: [] for k in ("t", "kappa_mean", "kappa_sd", "kappa_opt_mean", "kappa_opt_sd",
                                                      "loss_u_paper", "loss_d", "grad_kappa_head")}  # fmt: skip
+    paper = SelfRegulatedDiffusion(process.schedule)  # the literal L_u, reported beside the trained one
     for t_value in T_GRID:
         t = torch.full((x0.shape[0],), t_value, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=gen)
@@ -98,7 +99,7 @@ def kappa_diagnostics(net: torch.nn.Module, process: SelfRegulatedDiffusion, ima
         b = (process.mu_from_eps(x_t, t, out.eps) - mu_true).detach().flatten(1)
         k_opt = ((b * (b - a)).sum(1) / (a - b).pow(2).sum(1).clamp_min(1e-30)).clamp(0, 1)
         k = out.kappa.detach()
-        paper_u = SelfRegulatedDiffusion(process.schedule).unification_loss(out, x0, x_t, t)
+        paper_u = paper.unification_loss(out, x0, x_t, t)
         loss_d = (out.x0 - x0).pow(2).mean() + (out.eps - noise).pow(2).mean()
         process.unification_loss(out, x0, x_t, t).backward()
         grad = torch.sqrt(sum(p.grad.pow(2).sum() for p in kappa_head if p.grad is not None))
