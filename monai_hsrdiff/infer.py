@@ -13,6 +13,12 @@ volume inferer -> writer (:mod:`monai_hsrdiff.inference.inferer`). The case fold
 ``monai_hsrdiff.export.slicer``); ``--dicom-out`` adds DICOM SEGs and a Parametric Map
 (``monai_hsrdiff.export.dicom_out``). Bad input stops with ``error: ...`` and exit code 2; nothing
 is written then.
+
+Many cases, the model loaded once: ``--input-list cases.csv`` (columns ``id,input`` and optional
+``slices,center,size,units,series_uid``) or ``--input-root ROOT`` (one case per sub-folder);
+``--out`` is then the cohort folder: ``<out>/<id>/`` per case (the files above), finished cases
+skipped on a rerun, ``<out>/cohort.json`` at the end, exit code 1 when a case failed
+(:mod:`monai_hsrdiff.inference.cohort`; bundle keys ``input_list`` / ``input_root``).
 """
 
 from __future__ import annotations
@@ -56,8 +62,15 @@ def bundle_modality(bundle: str | os.PathLike) -> str | None:
     return None if value is None else str(value)
 
 
-def case_name(input: str | Sequence[str]) -> str:  # noqa: A002 - the bundle key is "input"
-    """A folder name for the case: the series folder's name, or the first NIfTI file's name (``output_dir``)."""
+def case_name(
+    input: str | Sequence[str] | None,  # noqa: A002 - the bundle key is "input"
+    input_list: str | os.PathLike | None = None,
+    input_root: str | os.PathLike | None = None,
+) -> str:
+    """A folder name for the case: the series folder's name, or the first NIfTI file's name (``output_dir``);
+    ``""`` for a cohort (``input_list``/``input_root``: ``output_dir`` is then the cohort folder)."""
+    if not input and (input_list or input_root):
+        return ""
     if not input:
         raise fail("no input scan: pass --input PATH (a DICOM series folder, or NIfTI file(s)) to the inference run")
     name = Path(input if isinstance(input, (str, os.PathLike)) else list(input)[0]).name
@@ -85,7 +98,7 @@ def _config_files(bundle: Path, configs: Sequence[str | os.PathLike]) -> list[Pa
 
 def infer(
     bundle: str | os.PathLike,
-    input: str | Sequence[str],  # noqa: A002
+    input: str | Sequence[str] | None = None,  # noqa: A002
     out: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     configs: Sequence[str | os.PathLike] = (),
@@ -104,8 +117,10 @@ def infer(
     device: str | None = None,
     allow_modality_mismatch: bool = False,
     dicom_out: bool = False,
+    input_list: str | os.PathLike | None = None,
+    input_root: str | os.PathLike | None = None,
 ) -> Path:
-    """Run the bundle's inference on ``input``; ``None`` arguments keep the config's value.
+    """Run the bundle's inference on ``input`` (or a cohort); ``None`` arguments keep the config's value.
 
     Args map to config keys: ``out`` -> ``output_dir`` (default ``<run_dir>/inference/<case>``),
     ``checkpoint`` (default ``<run_dir>/checkpoints/model.pt``), ``num_samples``, ``sampler``,
@@ -114,11 +129,15 @@ def infer(
     ``overwrite``, ``allow_modality_mismatch``, ``dicom_out`` (or the config's). ``configs``: override files
     merged after ``train.json`` and ``inference.json`` (e.g. ``bundles/lidc/demo.json``).
     ``device``: ``cpu``, ``cuda``, ``cuda:N``; checked first, then the override keys and ``out``,
-    all before MONAI loads.
+    all before MONAI loads. ``input_list`` (a CSV) or ``input_root`` (one case per sub-folder) instead
+    of ``input``: a cohort (:mod:`monai_hsrdiff.inference.cohort`), one sub-folder of ``out`` (default
+    ``<run_dir>/inference``) per case; returns ``<out>/cohort.json``, and raises
+    :class:`~monai_hsrdiff.inference.cohort.CohortFailedError` (exit code 1) when a case failed.
 
     Example::
 
         infer("bundles/lidc", "/data/scan1/", out="runs/lidc/inference/scan1", num_samples=16)
+        infer("bundles/lidc", input_list="cases.csv", out="runs/lidc/cohort")   # runs/lidc/cohort/<id>/
     """
     from monai_hsrdiff.export.dicom_out import refuse_nifti_inputs
     from monai_hsrdiff.export.slicer import check_output_folder
@@ -126,15 +145,23 @@ def infer(
     checked_device = resolve_device(device)
     bundle = Path(bundle)
     files = _config_files(bundle, configs)
-    inputs = [input] if isinstance(input, (str, os.PathLike)) else list(input)
+    cohort = input_list is not None or input_root is not None
+    if cohort and input is not None:
+        raise InferenceInputError("give --input, --input-list or --input-root, not several")
+    inputs = [] if input is None else [input] if isinstance(input, (str, os.PathLike)) else list(input)
     if dicom_out:  # NIfTI files are refused before anything loads (a folder is checked once read)
         refuse_nifti_inputs(inputs)
-    if out is not None:  # refused again, with the leftovers of killed writes removed, when the case is written
+    if out is not None and not cohort:  # refused again, with the leftovers of killed writes removed, when the case is written
         check_output_folder(out, overwrite, inputs)
+    if cohort:  # the case list itself is read (and refused) before MONAI loads
+        from monai_hsrdiff.inference.cohort import cases_under_root, read_case_list
+
+        read_case_list(input_list) if input_list is not None else cases_under_root(input_root)  # type: ignore[arg-type]
     from monai_hsrdiff.inference.inferer import run_bundle_inference
 
     keys = {
-        "input": str(input) if isinstance(input, (str, os.PathLike)) else [str(p) for p in input],
+        "input": None if input is None else str(input) if isinstance(input, (str, os.PathLike)) else [str(p) for p in input],
+        "input_list": None if input_list is None else str(input_list), "input_root": None if input_root is None else str(input_root),
         "output_dir": None if out is None else str(out), "checkpoint": None if checkpoint is None else str(checkpoint),
         "num_samples": num_samples, "sampler": sampler, "sampling_steps": steps, "sampler_eta": eta,
         "precision": precision, "seed": seed, "device": checked_device, "series_uid": series_uid, "slices": slices,
@@ -142,7 +169,8 @@ def infer(
         "allow_modality_mismatch": True if allow_modality_mismatch else None, "input_modality": bundle_modality(bundle),
         "dicom_out": True if dicom_out else None,
     }  # fmt: skip
-    return run_bundle_inference(files, {k: v for k, v in keys.items() if v is not None or k == "input_modality"})
+    result = run_bundle_inference(files, {k: v for k, v in keys.items() if v is not None or k == "input_modality"})
+    return Path(result["cohort_dir"]) / "cohort.json" if cohort else result
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,8 +178,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/lidc or bundles/ms_lesion")
     p.add_argument("--config", nargs="+", default=[], help="override config files merged after train.json and inference.json (e.g. bundles/lidc/demo.json)")
     p.add_argument("--checkpoint", default=None, help="model.pt or resume checkpoint (default <run_dir>/checkpoints/model.pt)")
-    p.add_argument("--input", nargs="+", required=True, help="LIDC: DICOM series folder; MS-Lesion: FLAIR MPRAGE PD T2 NIfTI files or their folder")
-    p.add_argument("--out", default=None, help="case folder to create (default <run_dir>/inference/<case>)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", help="LIDC: DICOM series folder; MS-Lesion: FLAIR MPRAGE PD T2 NIfTI files or their folder")
+    source.add_argument("--input-list", default=None, metavar="CSV",
+                        help="many cases, the model loaded once: a CSV with the columns id,input[,slices,center,size,units,series_uid] "
+                             "(docs/inference.md); each case goes to <out>/<id>/, finished cases are skipped on a rerun")
+    source.add_argument("--input-root", default=None, metavar="ROOT", help="many cases: one series/case per sub-folder of ROOT (id = its name)")
+    p.add_argument("--out", default=None, help="case folder to create (default <run_dir>/inference/<case>); with --input-list/--input-root "
+                   "the cohort folder: <out>/<id>/ per case and <out>/cohort.json (default <run_dir>/inference)")
     p.add_argument("--num-samples", type=int, default=None, help="N samples (default from inference.json)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None)
     p.add_argument("--steps", type=int, default=None, help="DDIM / DPM-Solver++ steps (DDPM always runs all T)")
@@ -169,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     region.add_argument("--center", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="region centre (with --size)")
     p.add_argument("--size", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"), help="region size along the array axes i, j, k")
     p.add_argument("--units", choices=("voxel", "mm"), default="voxel", help="units of --center/--size: voxel index or LPS mm")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier case in --out (only a case this command wrote: other files are refused, never deleted)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier case in --out (only a case this command wrote: other files are refused, never deleted); "
+                   "for a cohort: redo the finished cases too")
     p.add_argument("--dicom-out", action="store_true", help="also write DICOM SEGs and an entropy Parametric Map "
                    "referencing the source series, for a PACS/OHIF (DICOM input only; docs/slicer.md)")
     p.add_argument("--seed", type=int, default=None)
@@ -182,12 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.size is not None and a.center is None:
         print("error: --size needs --center", file=sys.stderr)
         return 2
+    from monai_hsrdiff.inference.cohort import CohortFailedError
+
+    inp = None if a.input is None else a.input[0] if len(a.input) == 1 else a.input
     try:
-        infer(a.bundle, a.input[0] if len(a.input) == 1 else a.input, out=a.out, checkpoint=a.checkpoint,
+        infer(a.bundle, inp, input_list=a.input_list, input_root=a.input_root, out=a.out, checkpoint=a.checkpoint,
               configs=a.config, num_samples=a.num_samples, sampler=a.sampler, steps=a.steps, eta=a.eta,
               precision=a.precision, series_uid=a.series_uid, slices=a.slices, center=a.center, size=a.size,
               region_units=a.units, overwrite=a.overwrite, seed=a.seed, device=a.device,
               allow_modality_mismatch=a.allow_modality_mismatch, dicom_out=a.dicom_out)  # fmt: skip
+    except CohortFailedError as e:  # each failed case was reported on stderr
+        return int(e.code)
     except BundleError as e:  # already printed by monai_hsrdiff.errors.fail
         return int(e.code or 2)
     except (ValueError, OSError) as e:  # our HSRDiffInputError is a ValueError

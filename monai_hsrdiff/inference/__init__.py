@@ -6,12 +6,14 @@ preprocessing) is defined in ``monai_hsrdiff.tasks``, which builds on this packa
 
 from __future__ import annotations
 
-from .inferer import CaseReader, VolumeInferer, run_bundle_inference, run_case
+from .cohort import CohortCase, case_state, cases_under_root, read_case_list, run_cohort
+from .inferer import CaseReader, VolumeInferer, load_weights, run_bundle_inference, run_case, run_inference
 from .source import InferenceInputError, SliceAxes, SourceVolume, find_modalities, read_dicom_source, read_nifti_source
 from .volume import Region, SlicePreprocessing, VolumePrediction, predict_volume, resample_plane, resize_plane
 
 __all__ = [
     "CaseReader",
+    "CohortCase",
     "InferenceInputError",
     "Region",
     "SliceAxes",
@@ -19,12 +21,18 @@ __all__ = [
     "SourceVolume",
     "VolumeInferer",
     "VolumePrediction",
+    "case_state",
+    "cases_under_root",
     "find_modalities",
+    "load_weights",
     "predict_volume",
+    "read_case_list",
     "read_dicom_source",
     "read_nifti_source",
     "resample_plane",
     "resize_plane",
     "run_bundle_inference",
     "run_case",
+    "run_cohort",
+    "run_inference",
 ]

@@ -5,7 +5,8 @@
 precision, chunking) -> ``volume_inferer`` (:class:`VolumeInferer`: N samples slice by slice,
 back in the source grid) -> ``case_writer`` (``monai_hsrdiff.export.SlicerCaseWriter``: the 3D
 Slicer case folder). :func:`run_case` runs them in the order that writes nothing for bad input;
-:func:`run_bundle_inference` runs a bundle's ``inference`` with overrides (the command line's path).
+:func:`run_bundle_inference` runs a bundle's ``inference`` with overrides (the command line's path);
+:func:`run_inference` is that ``inference``: one case, or a cohort (:mod:`monai_hsrdiff.inference.cohort`).
 
 Example::
 
@@ -32,7 +33,7 @@ from monai_hsrdiff.inference.volume import Predictor, Region, SlicePreprocessing
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CaseReader", "VolumeInferer", "parse_slices", "run_bundle_inference", "run_case"]
+__all__ = ["CaseReader", "VolumeInferer", "load_weights", "parse_slices", "run_bundle_inference", "run_case", "run_inference"]
 
 Log = Callable[[str], None] | None
 
@@ -225,10 +226,8 @@ def run_case(
     say = log or (lambda _m: None)
     inputs = [str(input)] if isinstance(input, (str, os.PathLike)) else [str(p) for p in input or []]
     writer.prepare(inputs, say)
-    if checkpoint is not None and inferer.network is not None:
-        from monai_hsrdiff.handlers import load_network_weights
-
-        load_network_weights(checkpoint, inferer.network, reader.task.name, option="--checkpoint")
+    if checkpoint is not None:
+        load_weights(checkpoint, inferer, reader.task.name, say)
     source, region, pp = reader(input)
     inferer.check(source)
     if hasattr(writer, "check_source"):  # e.g. the DICOM headers --dicom-out references, before any sampling
@@ -253,6 +252,59 @@ def run_case(
     case = writer(pred, source, doc)
     say(f"[hsrdiff] wrote {case} — open it in 3D Slicer (drag the files onto the window; see docs/slicer.md)")
     return case
+
+
+def load_weights(checkpoint: str | os.PathLike, inferer: VolumeInferer, task: str, log: Log = print) -> None:
+    """Load ``checkpoint`` (``model.pt`` or a resume checkpoint) into the inferer's network, saying so.
+
+    Raises:
+        BundleError: the checkpoint is missing or does not match the network.
+    """
+    if inferer.network is None:
+        return
+    from monai_hsrdiff.handlers import load_network_weights
+
+    (log or (lambda _m: None))(f"[hsrdiff] loading network weights from {checkpoint}")
+    load_network_weights(checkpoint, inferer.network, task, option="--checkpoint")
+
+
+def run_inference(
+    input: str | Sequence[str] | None,  # noqa: A002 - the bundle key is "input"
+    reader: CaseReader,
+    inferer: VolumeInferer,
+    writer: Any,
+    checkpoint: str | os.PathLike | None = None,
+    input_list: str | os.PathLike | None = None,
+    input_root: str | os.PathLike | None = None,
+    log: Log = print,
+) -> Any:
+    """``inference.json``'s ``inference``: one case (``input``: :func:`run_case`, returns its folder) or a
+    cohort (``input_list`` CSV or ``input_root`` folder: :func:`~monai_hsrdiff.inference.cohort.run_cohort`
+    into the writer's ``output_dir``, one sub-folder per case; returns ``cohort.json``'s document and
+    stops with exit code 1 when a case failed).
+
+    Raises:
+        InferenceInputError: none or several of ``input``/``input_list``/``input_root``, a bad case list.
+    """
+    given = [k for k, v in (("input", input), ("input_list", input_list), ("input_root", input_root)) if v]
+    if len(given) > 1:
+        raise InferenceInputError(f"give one of input, input_list, input_root (--input, --input-list, --input-root); got {', '.join(given)}")
+    if not input_list and not input_root:
+        return run_case(input, reader, inferer, writer, checkpoint=checkpoint, log=log)
+    from monai_hsrdiff.inference.cohort import CohortFailedError, cases_under_root, read_case_list, run_cohort
+
+    cases = read_case_list(input_list) if input_list else cases_under_root(input_root)  # type: ignore[arg-type]
+    if input_root:  # an output inside ROOT would be read as a case on the next run
+        from monai_hsrdiff.utils.outputs import OutputFolderError, guard_output_path
+
+        try:
+            guard_output_path(writer.output_dir, [input_root], input_option="--input-root")
+        except OutputFolderError as e:
+            raise InferenceInputError(str(e)) from None
+    doc = run_cohort(cases, writer.output_dir, reader, inferer, writer, checkpoint=checkpoint, log=log)
+    if doc["totals"]["failed"]:
+        raise CohortFailedError(doc)  # each failure is reported: monai.bundle and the command line exit with 1
+    return doc
 
 
 def run_bundle_inference(config_files: Sequence[str | os.PathLike], overrides: dict[str, Any] | None = None) -> Any:
