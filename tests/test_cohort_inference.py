@@ -226,6 +226,17 @@ def test_ms_lesion_input_root_missing_modality(tmp_path, capsys, monkeypatch):
     # the command's --slices, along the axial (S) array axis: k here
     assert summary["region"]["index_lo"][2] == 2 and summary["region"]["index_hi"][2] == 3
 
+    # a rerun skips p1; with --overwrite it is redone (the folder replaced)
+    cmd = ["--bundle", str(b), "--config", str(b / "demo.json"), str(tiny), "--checkpoint", str(tmp_path / "model.pt"),
+           "--input-root", str(tmp_path / "root"), "--out", str(out), "--num-samples", "2", "--steps", "1", "--slices", "2:4"]  # fmt: skip
+    before = _mtimes(out / "p1")
+    assert main(cmd) == 1
+    assert [c["status"] for c in json.loads((out / "cohort.json").read_text())["cases"]] == ["skipped", "failed"]
+    assert _mtimes(out / "p1") == before
+    assert main([*cmd, "--overwrite"]) == 1
+    assert [c["status"] for c in json.loads((out / "cohort.json").read_text())["cases"]] == ["ok", "failed"]
+    assert _mtimes(out / "p1") != before and case_state(out / "p1") == "finished"
+
 
 def test_benchmark_quick(tmp_path):
     """benchmarks/cohort_inference.py --quick (demo setting): its result files and a positive throughput."""
