@@ -776,8 +776,12 @@ def test_evaluator_samples_with_the_pipeline(process):
 
     pipe = HSRDiffPipeline(net, DDIMSampler(process, eta=1.0, num_inference_steps=4), max_batch_size=2)
     pred, kappa = run(pipeline=pipe)
+    # per-item seeds: this loader has no item paths, so items are named by their position in the run
+    from monai_hsrdiff.engines.evaluator import item_seed
+
+    gens = [torch.Generator().manual_seed(item_seed(4, f"#{j}")) for j in range(2)]
     expected = HSRDiffPipeline(net, DDIMSampler(process, eta=1.0))(
-        batch["image"], num_samples=3, num_inference_steps=4, generator=torch.Generator().manual_seed(4)
+        batch["image"], num_samples=3, num_inference_steps=4, generator=gens
     )
     assert torch.equal(pred, expected.samples[:, :, 0] > 0)
     assert sorted(kappa) == sorted(expected.timesteps.tolist())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, REPO, TINY, bundle_files
+from conftest import PYTHON, REPO, TINY, TINY_NET, bundle_files
 
 
 def _without(args: list[str], *keys: str) -> list[str]:
@@ -180,3 +180,108 @@ def test_nan_in_one_process_stops_both(bundle_env, tmp_path: Path) -> None:
         assert before.keys() == after.keys() == state.keys()
         for k in state:
             assert torch.equal(before[k], after[k]) and torch.equal(after[k], state[k]), (r, k)
+
+
+def _eval_outputs(eval_dir: Path, preds: Path) -> tuple[dict, dict, dict]:
+    """metrics.json, the per-item values of each ``*_raw.csv`` (sorted: the ranks' order differs)
+    and the saved sample masks by item file name."""
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    raw = {}
+    for csv in sorted(eval_dir.glob("*_raw.csv")):
+        rows = [line.split("\t") for line in csv.read_text().splitlines()[1:] if line.strip()]
+        raw[csv.name] = sorted(float(v) for row in rows for v in row[1:])
+    masks = {p.name: torch.load(p, weights_only=True) for p in sorted(preds.glob("*.pt"))}
+    return metrics, raw, masks
+
+
+@pytest.mark.slow
+def test_torchrun_evaluation_equals_one_process(bundle_env, run_bundle, tmp_path: Path) -> None:
+    """multi_gpu_evaluate.json on 2 ranks (gloo) over 3 test items (uneven shards: 2 + 1) writes the
+    metrics of the one-process evaluation: per-item seeds make each item's samples depend on the
+    seed and the item only. Only rank 0 announces, reports and writes metrics.json."""
+    run_dir = Path(bundle_env["HSRDIFF_RUN_ROOT"]) / "lidc_demo"
+    res = run_bundle(["run", "training", "--config_file", bundle_files("lidc", "train", "demo"), *TINY], timeout=240)
+    assert res.returncode == 0, res.output[-3000:]
+    assert (run_dir / "checkpoints" / "model.pt").is_file()
+
+    evaluate = json.loads((REPO / "bundles" / "lidc" / "evaluate.json").read_text())["evaluating"]
+    multi = json.loads((REPO / "bundles" / "lidc" / "multi_gpu_evaluate.json").read_text())["evaluating"]
+    # η = 1 DDIM: fresh noise at every step, the draws per-item seeding has to reproduce
+    args = [*TINY_NET, "--eval_num_samples", "32", "--eval_sampler", "ddim", "--eval_sampling_steps", "3",
+            "--eval_sampler_eta", "1.0", "--eval_max_items", "3"]  # fmt: skip
+
+    def save_preds(folder: Path) -> list[str]:  # test-only: every item's 32 sample masks, by item file name
+        folder.mkdir()
+        return [
+            "$from ignite.engine import Events",
+            f"$@validate#evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: [torch.save(p.clone(), "
+            f"'{folder}/' + os.path.basename(i) + '.pt') "
+            "for p, i in zip(e.state.output['pred'], e.state.batch['item'])])",
+        ]
+
+    one = [*save_preds(tmp_path / "preds1"), *evaluate]
+    res = run_bundle(
+        ["run", "evaluating", "--config_file", bundle_files("lidc", "train", "evaluate", "demo"), *args,
+         "--eval_dir", str(tmp_path / "eval1"), "--evaluating", repr(one)], timeout=180,
+    )  # fmt: skip
+    assert res.returncode == 0, res.output[-3000:]
+
+    two = [*save_preds(tmp_path / "preds2"), *multi]
+    cmd = [
+        PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "evaluating",
+        "--config_file", bundle_files("lidc", "train", "evaluate", "demo", "multi_gpu_evaluate"),
+        *args, "--eval_dir", str(tmp_path / "eval2"), "--evaluating", repr(two),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env={**bundle_env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert len(re.findall(r"HSRDiffEvaluator - INFO - Engine run finished", out)) == 2  # both ranks evaluated
+    assert out.count("[hsrdiff] run directory:") == out.count("[hsrdiff] evaluation metrics:") == 1  # rank 0 only
+    assert not (run_dir / ".run.lock").exists()
+
+    metrics1, raw1, masks1 = _eval_outputs(tmp_path / "eval1", tmp_path / "preds1")
+    metrics2, raw2, masks2 = _eval_outputs(tmp_path / "eval2", tmp_path / "preds2")
+    # the same samples of the same 3 items, drawn on 2 ranks
+    assert len(masks1) == 3 and masks1.keys() == masks2.keys()
+    for name in masks1:
+        assert masks1[name].shape[0] == 32 and torch.equal(masks1[name], masks2[name]), name
+    # the same per-item scores; the means add them up in the gathered (rank) order, which may
+    # change the last float32 bit, hence 1e-6
+    assert raw1.keys() == raw2.keys() and raw1
+    for name in raw1:
+        assert raw1[name] == raw2[name], name
+    assert metrics1.keys() == metrics2.keys() and "test_ged32" in metrics1
+    for name in metrics1:
+        assert metrics2[name] == pytest.approx(metrics1[name], abs=1e-6), name
+
+
+def test_per_item_generators_make_samples_independent_of_the_batch() -> None:
+    """With one generator per image, an image's samples are the same sampled alone or in a batch
+    (with any chunking): what a sharded evaluation relies on. Stochastic DDIM (η = 1)."""
+    from monai_hsrdiff.diffusion import DDIMSampler, DiffusionSchedule, HSRDiffPipeline, SelfRegulatedDiffusion
+    from monai_hsrdiff.engines.evaluator import item_seed
+    from monai_hsrdiff.networks import HSRDiff
+
+    torch.manual_seed(0)
+    net = HSRDiff(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, False),
+                  norm_num_groups=4, num_head_channels=8, num_res_blocks=1)  # fmt: skip
+    process = SelfRegulatedDiffusion(DiffusionSchedule(20, beta_start=1e-3, beta_end=0.2))
+    pipe = HSRDiffPipeline(net, DDIMSampler(process, eta=1.0, num_inference_steps=3))
+    c = torch.randn(3, 1, 16, 16)
+
+    def gens(ids):
+        return [torch.Generator().manual_seed(item_seed(7, i)) for i in ids]
+
+    batch = pipe(c, num_samples=4, generator=gens(["a", "b", "c"]), max_batch_size=None).samples
+    chunked = pipe(c, num_samples=4, generator=gens(["a", "b", "c"]), max_batch_size=5).samples
+    torch.testing.assert_close(chunked, batch, rtol=1e-5, atol=1e-5)
+    for j, name in enumerate("abc"):  # alone, with the same item's generator: the same samples
+        alone = pipe(c[j : j + 1], num_samples=4, generator=gens([name]), max_batch_size=None).samples
+        torch.testing.assert_close(alone[0], batch[j], rtol=1e-5, atol=1e-5)
+    other = pipe(c[:1], num_samples=4, generator=gens(["b"]), max_batch_size=None).samples
+    assert (other[0] - batch[0]).abs().max() > 0.1  # the item's name does choose the noise
+    with pytest.raises(ValueError, match="2 generators for 3 condition images"):
+        pipe(c, num_samples=4, generator=gens(["a", "b"]))
+    assert item_seed(0, "x.npz") == item_seed(0, "x.npz") != item_seed(1, "x.npz")

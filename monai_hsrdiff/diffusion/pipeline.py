@@ -113,7 +113,7 @@ class HSRDiffPipeline:
         num_samples: int = 1,
         num_inference_steps: int | None = None,
         max_batch_size: int | str | None = PIPELINE_DEFAULT,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         progress: bool = False,
     ) -> SamplingOutput:
         """Sample.
@@ -126,7 +126,10 @@ class HSRDiffPipeline:
             max_batch_size: this call's chunking instead of the pipeline's ``max_batch_size``
                 (the default): an int, ``"auto"`` or ``None``.
             generator: random generator for x_T and every step's noise; a fixed seed reproduces
-                every sample, whatever ``max_batch_size``.
+                every sample, whatever ``max_batch_size``. A sequence of B generators: image b's
+                N samples draw all their noise from ``generator[b]`` alone, so they depend only on
+                that generator's seed, not on the other images of the batch (per-item seeding: the
+                evaluator's, so a sharded multi-process evaluation draws the same samples).
             progress: show a tqdm progress bar (one tick per step).
         """
         if not isinstance(num_samples, int) or num_samples < 1:
@@ -137,6 +140,11 @@ class HSRDiffPipeline:
         if condition.ndim < 3:
             raise ValueError(
                 f"HSRDiffPipeline: condition must be (B, C, *spatial), got shape {tuple(condition.shape)}."
+            )
+        if isinstance(generator, Sequence) and len(generator) != condition.shape[0]:
+            raise ValueError(
+                f"HSRDiffPipeline: {len(generator)} generators for {condition.shape[0]} condition images; "
+                "give one generator, or one per image."
             )
         total = condition.shape[0] * num_samples
         if max_batch_size == "auto":
@@ -177,7 +185,9 @@ class HSRDiffPipeline:
         timesteps = sampler.timesteps
         s = len(timesteps)
         kappa = torch.empty(s, total, dtype=torch.float32, device=device)
-        x = randn((total, m, *spatial), generator, device, dtype)
+        per_item = isinstance(generator, Sequence)
+        draw = _draw if per_item else randn
+        x = draw((total, m, *spatial), generator, device, dtype)
 
         bar = None
         if progress:
@@ -194,7 +204,10 @@ class HSRDiffPipeline:
                     t_batch = torch.full((x_k.shape[0],), int(t), dtype=torch.long, device=device)
                     with self._autocast(device):
                         outs.append(model(x_k, t_batch, condition=None, condition_features=feats_k))
-                step = sampler.step(_cat_outputs(outs), int(t), x, generator=generator)
+                if per_item:  # every step's noise from the images' own generators (unused at a deterministic step)
+                    step = sampler.step(_cat_outputs(outs), int(t), x, noise=_draw(x.shape, generator, device, x.dtype))
+                else:
+                    step = sampler.step(_cat_outputs(outs), int(t), x, generator=generator)
                 x = step.prev_sample
                 kappa[i] = step.kappa.detach().float()
                 if bar is not None:
@@ -210,6 +223,12 @@ class HSRDiffPipeline:
             kappa=kappa,
             kappa_trace=kappa.mean(dim=(1, 2)),
         )
+
+
+def _draw(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device, dtype) -> torch.Tensor:
+    """(B·N, ...) standard normal noise, the b-th block of N rows drawn from ``generators[b]``."""
+    per = int(shape[0]) // len(generators)
+    return torch.cat([randn((per, *shape[1:]), g, device, dtype) for g in generators])
 
 
 def _check_max_batch_size(value: int | str | None) -> int | str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +18,7 @@ from monai_hsrdiff.engines.trainer import own_error
 from monai_hsrdiff.errors import fail
 from monai_hsrdiff.metrics import entropy_map
 
-__all__ = ["GED100_SAMPLES", "HSRDiffEvaluator", "check_ged100", "lower_is_better", "samples_to_masks"]
+__all__ = ["GED100_SAMPLES", "HSRDiffEvaluator", "check_ged100", "item_seed", "lower_is_better", "samples_to_masks"]
 
 #: GED over this many samples (ATFM, KANResDif): the bundles' opt-in ``eval_ged100``
 GED100_SAMPLES = 100
@@ -48,6 +50,15 @@ def check_ged100(eval_ged100: Any, eval_num_samples: Any) -> None:
         )
 
 
+def item_seed(seed: int, item_id: str) -> int:
+    """The sampling seed of one item: a 63-bit hash of ``(seed, item_id)``.
+
+    It depends on nothing else (not the rank, the batch, nor the items sampled before), so a
+    sharded multi-process evaluation draws, item for item, the samples of the one-process run.
+    """
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}:{item_id}".encode()).digest()[:8], "little") >> 1
+
+
 def samples_to_masks(samples: torch.Tensor) -> torch.Tensor:
     """Read continuous samples back as masks (DESIGN §1).
 
@@ -75,8 +86,10 @@ class HSRDiffEvaluator(SupervisedEvaluator):
             ``validate#pipeline``.
         num_samples: N samples per image (the metrics' subscript; 32 covers N=16 and N=32, 100 adds
             GED100; the bundles' start-up check is :func:`check_ged100`).
-        seed: seeds the sampling noise at the start of every evaluation run, so repeated
-            evaluations of one checkpoint give identical numbers.
+        seed: seeds the sampling noise: each item's N samples draw from their own generator,
+            seeded by :func:`item_seed` from ``seed`` and the item's file name (batch key
+            ``item``; without it, the item's position in the run), so repeated evaluations of
+            one checkpoint give identical numbers, and so do evaluations sharded over ranks.
         progress: a tqdm bar per batch of images.
         sampler, num_inference_steps, max_batch, autocast_dtype: deprecated, instead of
             ``pipeline``: the evaluator builds ``HSRDiffPipeline(network, sampler, autocast_dtype,
@@ -161,7 +174,7 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.progress = progress
-        self._generator: torch.Generator | None = None
+        self._items_seen = 0
         self.add_event_handler(Events.STARTED, self._reset)
 
     def _handle_exception(self, e: BaseException) -> None:
@@ -171,11 +184,42 @@ class HSRDiffEvaluator(SupervisedEvaluator):
         super()._handle_exception(e)
 
     def _reset(self, engine: HSRDiffEvaluator) -> None:
-        gen_device = engine.state.device if engine.state.device.type == "cuda" else "cpu"
-        self._generator = torch.Generator(device=gen_device).manual_seed(self.seed)
+        self._items_seen = 0
         engine.state.kappa_sum = {}
         engine.state.kappa_count = {}
         engine.state.kappa_trace = {}
+
+    def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
+        # before every EPOCH_COMPLETED handler (the figures read it): the κ trace over all ranks
+        if event_name == Events.EPOCH_COMPLETED:
+            self._gather_kappa()
+        super()._fire_event(event_name, *event_args, **event_kwargs)
+
+    def _gather_kappa(self) -> None:
+        """Sum the κ sums and counts per timestep over the ranks of a sharded evaluation."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self.state.kappa_sum, self.state.kappa_count))
+        total, count = {}, {}
+        for k_sum, k_count in parts:  # rank order: the same sums on every rank
+            for t, v in k_sum.items():
+                total[t] = total.get(t, 0.0) + v
+                count[t] = count.get(t, 0) + k_count[t]
+        self.state.kappa_sum, self.state.kappa_count = total, count
+        self.state.kappa_trace = {t: total[t] / count[t] for t in sorted(total)}
+
+    def _item_generators(self, batchdata: dict, batch_size: int) -> list[torch.Generator]:
+        """One generator per image of the batch, seeded from (seed, item file name)."""
+        items = batchdata.get("item")
+        if isinstance(items, (list, tuple)) and len(items) == batch_size:
+            ids = [os.path.basename(str(i)) for i in items]  # not the folder: a moved data set samples alike
+        else:  # a loader without item paths: the position in this run (order dependent)
+            ids = [f"#{self._items_seen + j}" for j in range(batch_size)]
+        self._items_seen += batch_size
+        gen_device = self.state.device if self.state.device.type == "cuda" else "cpu"
+        return [torch.Generator(device=gen_device).manual_seed(item_seed(self.seed, i)) for i in ids]
 
     def _iteration(self, engine: HSRDiffEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         for key in ("image", "masks"):
@@ -189,7 +233,7 @@ class HSRDiffEvaluator(SupervisedEvaluator):
                 image,
                 num_samples=self.num_samples,
                 num_inference_steps=self._steps,
-                generator=self._generator,
+                generator=self._item_generators(batchdata, image.shape[0]),
                 progress=self.progress,
             )
         pred = samples_to_masks(out.samples)
