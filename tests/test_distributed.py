@@ -230,7 +230,7 @@ def test_torchrun_evaluation_equals_one_process(bundle_env, run_bundle, tmp_path
     cmd = [
         PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "evaluating",
-        "--config_file", bundle_files("lidc", "train", "evaluate", "demo", "multi_gpu_evaluate"),
+        "--config_file", bundle_files("lidc", "train", "evaluate", "multi_gpu_evaluate", "demo"),
         *args, "--eval_dir", str(tmp_path / "eval2"), "--evaluating", repr(two),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env={**bundle_env, "OMP_NUM_THREADS": "1"}, capture_output=True,
