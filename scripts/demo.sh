@@ -27,11 +27,18 @@ run_dir="$($PY -c 'import monai_hsrdiff.bundle as b; print(b.default_run_dir("li
 train="['bundles/lidc/train.json','bundles/lidc/demo.json']"
 evaluate="['bundles/lidc/train.json','bundles/lidc/evaluate.json','bundles/lidc/demo.json']"
 
-echo "== 1/4 building the demo data set (SYNTHETIC CT-like images around real LIDC reader contours) in $data_dir"
-if [ -f "$data_dir/datalist.json" ]; then
+# the item size demo.json trains at; a demo data set of another size (an earlier version's) is
+# rebuilt: preprocessing.demo --overwrite replaces only a folder it recognises as its own output
+size="$($PY -c 'import json; print(json.load(open("bundles/lidc/demo.json"))["image_size"])')"
+have="$($PY -c 'import json, sys; print(json.load(open(sys.argv[1])).get("image_size", ""))' "$data_dir/datalist.json" 2>/dev/null || true)"
+echo "== 1/4 building the demo data set (SYNTHETIC CT-like images around real LIDC reader contours, ${size}x${size}) in $data_dir"
+if [ "$have" = "$size" ]; then
     echo "   already there; reusing it"
+elif [ -n "$have" ]; then
+    echo "   there at ${have}x${have}, but demo.json trains at ${size}x${size}: rebuilding it"
+    $PY -m preprocessing.demo --task lidc --out "$data_dir" --size "$size" --overwrite
 else
-    $PY -m preprocessing.demo --task lidc --out "$data_dir" --size 64
+    $PY -m preprocessing.demo --task lidc --out "$data_dir" --size "$size"
 fi
 
 echo "== 2/4 training (bundles/lidc/train.json + demo.json) -> $run_dir"
