@@ -16,6 +16,21 @@ resume_args() {
     done
 }
 
+# What step 1 does with the demo data folder $1 for item size $2: "reuse" (a demo data set of
+# that size), "rebuild <size>" (one of another size, from an earlier version), "build" (none;
+# preprocessing.demo itself refuses a folder holding anything else). Needs $PY.
+data_action() {
+    local have
+    have="$($PY -c 'import json, sys; print(json.load(open(sys.argv[1])).get("image_size", ""))' "$1/datalist.json" 2>/dev/null || true)"
+    if [ "$have" = "$2" ]; then
+        echo "reuse"
+    elif [ -n "$have" ]; then
+        echo "rebuild $have"
+    else
+        echo "build"
+    fi
+}
+
 main() {
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -30,16 +45,15 @@ evaluate="['bundles/lidc/train.json','bundles/lidc/evaluate.json','bundles/lidc/
 # the item size demo.json trains at; a demo data set of another size (an earlier version's) is
 # rebuilt: preprocessing.demo --overwrite replaces only a folder it recognises as its own output
 size="$($PY -c 'import json; print(json.load(open("bundles/lidc/demo.json"))["image_size"])')"
-have="$($PY -c 'import json, sys; print(json.load(open(sys.argv[1])).get("image_size", ""))' "$data_dir/datalist.json" 2>/dev/null || true)"
 echo "== 1/4 building the demo data set (SYNTHETIC CT-like images around real LIDC reader contours, ${size}x${size}) in $data_dir"
-if [ "$have" = "$size" ]; then
-    echo "   already there; reusing it"
-elif [ -n "$have" ]; then
-    echo "   there at ${have}x${have}, but demo.json trains at ${size}x${size}: rebuilding it"
-    $PY -m preprocessing.demo --task lidc --out "$data_dir" --size "$size" --overwrite
-else
-    $PY -m preprocessing.demo --task lidc --out "$data_dir" --size "$size"
-fi
+read -r action have <<<"$(data_action "$data_dir" "$size")"
+case "$action" in
+    reuse) echo "   already there; reusing it" ;;
+    rebuild)
+        echo "   there at ${have}x${have}, but demo.json trains at ${size}x${size}: rebuilding it"
+        $PY -m preprocessing.demo --task lidc --out "$data_dir" --size "$size" --overwrite ;;
+    *) $PY -m preprocessing.demo --task lidc --out "$data_dir" --size "$size" ;;
+esac
 
 echo "== 2/4 training (bundles/lidc/train.json + demo.json) -> $run_dir"
 # shellcheck disable=SC2046  # resume_args prints nothing or two words

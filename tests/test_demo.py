@@ -155,3 +155,25 @@ def test_overwrite_and_pipeline(tmp_path: Path, capsys) -> None:
     assert d["image"].shape == (4, 32, 32) and d["label"].shape == (1, 32, 32)
     assert main(["--task", "ms_lesion", "--out", str(tmp_path / "x"), "--num-items", "0"]) == 2
     assert "--num-items must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_demo_script_rebuilds_demo_data_of_another_size(tmp_path: Path) -> None:
+    """scripts/demo.sh reuses demo data of demo.json's size, rebuilds one of another size (an
+    earlier version's 64x64 set) and builds into an empty or missing folder."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def action(folder: Path, size: int) -> str:
+        cmd = ["bash", "-c", 'source scripts/demo.sh && PY="$1" data_action "$2" "$3"', "_", sys.executable, str(folder), str(size)]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert action(tmp_path / "missing", 32) == "build"
+    build_demo("ms_lesion", tmp_path / "d", num_items=6, size=32, seed=0, log=lambda s: None)
+    assert action(tmp_path / "d", 32) == "reuse"
+    assert action(tmp_path / "d", 16) == "rebuild 32"
+    demo_size = json.loads((REPO / "bundles" / "lidc" / "demo.json").read_text())["image_size"]
+    assert demo_size == 32  # what the demo's measured numbers (bundles/lidc/docs/README.md) are for
