@@ -25,13 +25,22 @@ FLOP/s against large fp32 / bf16 matrix products timed in the same run; and, wit
 ``--checkpoint`` (a model written by ``benchmarks/quality.py``), GED16 of DDIM 25/50/100 and of
 bf16 against DDPM-250 on demo test items.
 
+``--ged-table`` runs only the few-step quality table of issue 17: GED16, HM-IoU16 and MDM16 of
+DDIM eta=1, DPM-Solver++(2M) and its SDE at ``--ged-steps`` against DDPM-250 over
+``--ged-items`` test items x ``--ged-seeds`` noise seeds, each as the paired difference with a 95 %
+bootstrap CI, the network calls per sample counted, and issue 17's targets checked per row.
+
 Run::
 
     python benchmarks/sampling.py --checkpoint runs/bench_quality_32/srdiff_s0.pt
+    python benchmarks/sampling.py --ged-table --checkpoint runs/lidc_tune60/checkpoints/model.pt \
+        --bundle-config bundles/lidc/train.json bundles/lidc/demo.json --ged-data data/demo32 --ged-items 24 \
+        --threads 1 --out benchmarks/results/sampling_quality_demo32
 
-Quick check (a test runs this)::
+Quick check (a test runs this; the second with random weights, 16x16 demo data and a T=10 DDPM)::
 
     python benchmarks/sampling.py --quick --out /tmp/s
+    python benchmarks/sampling.py --quick --ged-table --threads 1 --out /tmp/q
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from benchmarks.common import (  # noqa: E402
     interleaved_medians,
     machine_info,
     markdown_table,
+    paired_bootstrap_ci,
     write_results,
 )
 from benchmarks.vmap_decoders import VmapDecoders, forward_vmap_decoders  # noqa: E402
@@ -141,11 +151,13 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def ged_check(args, rows: list, data: dict) -> None:
-    """GED16 of DDIM 25/50/100 (fp32) and bf16 variants against DDPM-250 on a trained checkpoint."""
-    from benchmarks.quality import load_eval_items, score
-    from monai_hsrdiff.engines.evaluator import samples_to_masks
+def load_trained(args) -> tuple[torch.nn.Module, int, Path, SelfRegulatedDiffusion]:
+    """The trained network of ``--checkpoint`` (eval mode), its image size, its demo datalist and process.
 
+    A bundle run's ``model.pt`` (a state dict) is rebuilt from ``--bundle-config`` (network_def,
+    image_size and the ``diffusion`` process the bundle trained and samples with); a
+    ``benchmarks/quality.py`` checkpoint carries its network overrides and size.
+    """
     if args.bundle_config:  # a bundle run's model.pt (a state dict); the network from the bundle configs
         from monai.bundle import ConfigParser
 
@@ -154,16 +166,27 @@ def ged_check(args, rows: list, data: dict) -> None:
         net = parser.get_parsed_content("network_def")
         net.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
         size = int(parser.get_parsed_content("image_size"))
+        process = parser.get_parsed_content("diffusion")
         datalist = Path(args.ged_data or REPO_ROOT / "data" / "demo_lidc") / "datalist.json"
     else:  # a benchmarks/quality.py checkpoint: weights, network overrides, image size
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **ckpt["config"])
         net.load_state_dict(ckpt["state_dict"])
         size = int(ckpt["size"])
+        process = SelfRegulatedDiffusion()
         datalist = Path(args.ged_data or REPO_ROOT / "data" / f"bench_demo_lidc_{size}") / "datalist.json"
-    net.eval()
+    if not datalist.is_file():
+        raise SystemExit(f"sampling: no demo datalist at {datalist}; pass --ged-data <folder with datalist.json>")
+    return net.eval(), size, datalist, process
+
+
+def ged_check(args, rows: list, data: dict) -> None:
+    """GED16 of DDIM 25/50/100 (fp32) and bf16 variants against DDPM-250 on a trained checkpoint."""
+    from benchmarks.quality import load_eval_items, score
+    from monai_hsrdiff.engines.evaluator import samples_to_masks
+
+    net, size, datalist, process = load_trained(args)
     images, masks = load_eval_items(datalist, args.ged_items)
-    process = SelfRegulatedDiffusion()
     if args.ged_variants:
         specs = args.ged_variants
     else:  # DDPM-250, deterministic DDIM at each step count, DDIM at the middle count under bf16
@@ -200,7 +223,7 @@ def _ged_variant(spec: str, process: SelfRegulatedDiffusion) -> tuple[str, Any, 
     bf16 = parts[-1] == "bf16"
     parts = parts[:-1] if bf16 else parts
     if parts == ["ddpm"]:
-        return "DDPM 250" + (" bf16" if bf16 else ""), DDPMSampler(process), bf16
+        return f"DDPM {process.schedule.num_train_timesteps}" + (" bf16" if bf16 else ""), DDPMSampler(process), bf16
     if parts[0] == "ddim" and len(parts) in (2, 3):
         steps, eta = int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
         name = f"DDIM {steps}" + (f" eta={eta:g}" if eta else "") + (" bf16" if bf16 else "")
@@ -213,6 +236,189 @@ def _ged_variant(spec: str, process: SelfRegulatedDiffusion) -> tuple[str, Any, 
         return name, get_sampler(parts[0], process, eta=eta, num_inference_steps=steps), bf16
     raise SystemExit(f"--ged-variants: cannot read {spec!r}; write ddpm[:bf16], ddim:<steps>[:<eta>][:bf16], "
                      "dpmpp_2m:<steps>[:bf16] or dpmpp_2m_sde:<steps>[:<eta>][:bf16]")
+
+
+#: issue 17 item 3's quality targets, checked on every row of the table (stated for 10 network calls)
+GED_MARGIN = 0.03
+TARGET_NFE = 10
+
+
+def _per_item_metrics(samples: torch.Tensor, masks) -> dict[str, list[float]]:
+    """GED16, HM-IoU16, MDM16 of each item; ``samples`` (B, N>=16, M, H, W) continuous, ``masks`` (B, A, H, W)."""
+    from benchmarks.quality import METRICS
+    from monai_hsrdiff.engines.evaluator import samples_to_masks
+    from monai_hsrdiff.metrics import sample_set_metrics
+
+    pred = samples_to_masks(samples.float()).numpy()
+    per_item = [sample_set_metrics(p, m, num_samples=16) for p, m in zip(pred, masks)]
+    return {k: [float(d[k]) for d in per_item] for k in METRICS}
+
+
+def _relative_ci(a, b, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a)/mean(b) - 1 and its 95 % percentile bootstrap CI, the (a_i, b_i) pairs resampled together."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    res = bootstrap((a, b), lambda x, y, axis: x.mean(axis) / y.mean(axis) - 1.0, paired=True, vectorized=True,
+                    n_resamples=10_000, confidence_level=0.95, method="percentile", random_state=seed)  # fmt: skip
+    return float(a.mean() / b.mean() - 1.0), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _row_stats(row: dict[str, list[float]], ref: dict[str, list[float]], num_seeds: int) -> dict[str, Any]:
+    """A sampler's metrics against DDPM-250 over the same (seed, item) pairs, and the two targets.
+
+    GED16: holds when the upper 95 % bound of the relative difference is <= +3 %. HM-IoU16: holds
+    when the sampler's mean is not below the lower 95 % bound of DDPM-250's own mean (bootstrap over
+    the same pairs); a miss is the distance to that bound.
+    """
+    import numpy as np
+
+    from benchmarks.quality import METRICS
+
+    out: dict[str, Any] = {}
+    for k in METRICS:
+        mean, lo, hi = paired_bootstrap_ci(row[k], ref[k])
+        out[k] = {"mean": float(np.mean(row[k])), "ref_mean": float(np.mean(ref[k])), "diff": mean, "diff_ci95": [lo, hi]}
+    rel = _relative_ci(row["ged_16"], ref["ged_16"])
+    # the same ratio with the seeds averaged per item: pairs = items (the items are what repeats)
+    by_item = lambda v: np.asarray(v, float).reshape(num_seeds, -1).mean(0)  # noqa: E731
+    rel_items = _relative_ci(by_item(row["ged_16"]), by_item(ref["ged_16"])) if len(by_item(ref["ged_16"])) > 1 else None
+    out["ged_16"].update(rel=rel[0], rel_ci95=list(rel[1:]), rel_ci95_items_seed_averaged=rel_items and list(rel_items[1:]))
+    ref_lo = paired_bootstrap_ci(ref["hm_iou_16"], [0.0] * len(ref["hm_iou_16"]))[1]  # DDPM-250's CI of its mean
+    out["targets"] = {
+        "ged_16_within_3pct": rel[2] <= GED_MARGIN,
+        "ged_16_miss_points": max(0.0, rel[2] - GED_MARGIN),
+        "hm_iou_16_not_below_ddpm_ci": out["hm_iou_16"]["mean"] >= ref_lo,
+        "hm_iou_16_ddpm_ci_low": ref_lo,
+        "hm_iou_16_miss": max(0.0, ref_lo - out["hm_iou_16"]["mean"]),
+    }
+    return out
+
+
+def _quick_model_and_data(args) -> tuple[torch.nn.Module, int, Path, SelfRegulatedDiffusion]:
+    """--quick without --checkpoint: random light weights, 16x16 LIDC demo data and a T=10 process
+    (so its "DDPM 250" reference row is a DDPM 10: structure only)."""
+    from benchmarks.quality import ensure_demo_data
+
+    data_dir = Path(args.ged_data or Path(args.out).parent / "sampling_quality_quick_data")
+    ensure_demo_data(data_dir, 16, 24)
+    net = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **LIGHT_DEMO_NET).eval()
+    return net, 16, data_dir / "datalist.json", SelfRegulatedDiffusion(DiffusionSchedule(10, beta_start=1e-3, beta_end=0.2))
+
+
+def _fmt_ci(d: dict, scale: float = 1.0, unit: str = "", digits: int = 3) -> str:
+    lo, hi = d["diff_ci95"]
+    return f"{scale * d['diff']:+.{digits}f}{unit} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
+
+
+def _table_md(res: dict[str, dict], order: list[str], ref_name: str) -> str:
+    """The markdown table: DDPM-250's means, then each sampler as paired differences with 95 % CIs."""
+    ref = res[ref_name]
+    r0 = ref["per_pair"]
+    import numpy as np
+
+    rows = [[f"{ref_name} (reference)", ref["nfe"], f"{np.mean(r0['ged_16']):.4f}", "0", "0", f"{np.mean(r0['hm_iou_16']):.3f}",
+             "0", f"{np.mean(r0['mdm_16']):.3f}", "0", "-", "-", f"{ref['seconds']:.0f}"]]  # fmt: skip
+    for name in order:
+        if name not in res or "stats" not in res[name]:
+            continue
+        r, st = res[name], res[name]["stats"]
+        g, h, m, tg = st["ged_16"], st["hm_iou_16"], st["mdm_16"], st["targets"]
+        rlo, rhi = g["rel_ci95"]
+        ged_t = "yes" if tg["ged_16_within_3pct"] else f"no, upper bound {100 * rhi:+.1f} % misses by {100 * tg['ged_16_miss_points']:.1f} pts"
+        hm_t = "yes" if tg["hm_iou_16_not_below_ddpm_ci"] else f"no, {tg['hm_iou_16_miss']:.3f} below {tg['hm_iou_16_ddpm_ci_low']:.3f}"
+        rows.append([name, r["nfe"], f"{g['mean']:.4f}", _fmt_ci(g, digits=4), f"{100 * g['rel']:+.1f} % [{100 * rlo:+.1f}, {100 * rhi:+.1f}]",
+                     f"{h['mean']:.3f}", _fmt_ci(h), f"{m['mean']:.3f}", _fmt_ci(m), ged_t, hm_t, f"{r['seconds']:.0f}"])  # fmt: skip
+    header = ["sampler", "NFE / sample", "GED16", "ΔGED16 [95 % CI]", "ΔGED16 relative [95 % CI]", "HM-IoU16",
+              "ΔHM-IoU16 [95 % CI]", "MDM16", "ΔMDM16 [95 % CI]", "GED16 within 3 %", "HM-IoU16 not below DDPM's CI",
+              "seconds (all seeds)"]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def ged_table(args, data: dict) -> Path:
+    """Issue 17's quality table: DDIM eta=1, DPM-Solver++(2M) and its SDE at each step count against
+    DDPM-250 on the same items and seeds (the same x_T: every sampler's first draw from the seeded
+    generator), as paired differences with 95 % bootstrap CIs over the (seed, item) pairs.
+
+    The result files are rewritten after every row, so a stopped run keeps the rows it finished.
+    """
+    from benchmarks.quality import load_eval_items
+
+    if args.checkpoint:
+        net, size, datalist, process = load_trained(args)
+    elif args.quick:
+        net, size, datalist, process = _quick_model_and_data(args)
+    else:
+        raise SystemExit("--ged-table needs --checkpoint (and --bundle-config for a bundle run's model.pt)")
+    images, masks = load_eval_items(datalist, args.ged_items)
+    b, n = int(images.shape[0]), 16
+    if b < 2:
+        raise SystemExit(f"--ged-table: {datalist} has {b} test item(s); the paired CIs need >= 2")
+    specs = args.ged_variants or [v for st in args.ged_steps for v in (f"ddim:{st}:1", f"dpmpp_2m:{st}", f"dpmpp_2m_sde:{st}")]
+    # network calls per sample, counted: items the network saw / (B·N) (E_c is encode_condition, not forward)
+    seen = [0]
+    hook = net.register_forward_pre_hook(lambda mod, a: seen.__setitem__(0, seen[0] + int(a[0].shape[0])))
+    res: dict[str, dict] = {}
+    table = data["ged_table"] = {"checkpoint": str(args.checkpoint), "bundle_config": args.bundle_config,
+                                 "datalist": str(datalist), "items": b, "image_size": size, "num_samples": n,
+                                 "seeds": args.ged_seeds, "pairs": "(seed, item), seed-major", "results": res}  # fmt: skip
+    if args.ged_reference:  # DDPM-250 of an earlier --ged-table run on the same checkpoint, items and seeds
+        old = json.loads(Path(args.ged_reference).read_text())["ged_table"]
+        if (old["items"], old["seeds"], old["image_size"]) != (b, args.ged_seeds, size):
+            raise SystemExit(f"--ged-reference {args.ged_reference}: items/seeds/size {old['items']}/{old['seeds']}/"
+                             f"{old['image_size']} differ from this run's {b}/{args.ged_seeds}/{size}")  # fmt: skip
+        res[_ged_variant("ddpm", process)[0]] = old["results"][old["reference"]]
+    ref_name = _ged_variant("ddpm", process)[0]
+    table["reference"] = ref_name
+    names = []
+    for spec in ([] if ref_name in res else ["ddpm"]) + specs:
+        name, smp, bf16 = _ged_variant(spec, process)
+        per_pair: dict[str, list[float]] = {}
+        seen[0], t0 = 0, time.perf_counter()
+        for seed in args.ged_seeds:
+            with torch.inference_mode():
+                pipe = HSRDiffPipeline(net, smp, autocast_dtype=torch.bfloat16 if bf16 else None)
+                out = pipe(images, num_samples=n, generator=torch.Generator().manual_seed(seed))
+            for k, v in _per_item_metrics(out.samples, masks).items():
+                per_pair.setdefault(k, []).extend(v)
+        nfe = seen[0] / (b * n * len(args.ged_seeds))
+        res[name] = {"spec": spec, "nfe": int(nfe) if nfe == int(nfe) else nfe, "seconds": time.perf_counter() - t0,
+                     "per_pair": per_pair}  # fmt: skip
+        if name != ref_name:
+            names.append(name)
+            res[name]["stats"] = _row_stats(per_pair, res[ref_name]["per_pair"], len(args.ged_seeds))
+        print(name, {k: round(sum(v) / len(v), 4) for k, v in per_pair.items()}, f"NFE {nfe:g}",
+              f"{res[name]['seconds']:.0f} s", flush=True)  # fmt: skip
+        done = len(names) == len(specs)
+        _write_ged_table(args, data, names, size, b, complete=done)
+    hook.remove()
+    return _write_ged_table(args, data, names, size, b, complete=True)
+
+
+def _write_ged_table(args, data: dict, names: list[str], size: int, items: int, complete: bool) -> Path:
+    res = data["ged_table"]["results"]
+    order = sorted(names, key=lambda nm: (res[nm]["nfe"], names.index(nm)))
+    at_target = [nm for nm in order if res[nm]["nfe"] == TARGET_NFE]
+    verdicts = [f"- {nm}: GED16 {'holds' if res[nm]['stats']['targets']['ged_16_within_3pct'] else 'misses'}, "
+                f"HM-IoU16 {'holds' if res[nm]['stats']['targets']['hm_iou_16_not_below_ddpm_ci'] else 'misses'}"
+                for nm in at_target]  # fmt: skip
+    seeds = data["ged_table"]["seeds"]
+    ckpt = args.checkpoint or "random weights, --quick"
+    md = (f"### GED16, HM-IoU16, MDM16 against DDPM-250 ({ckpt}), {items} demo test items x "
+          f"{len(seeds)} noise seeds {seeds}, {size}x{size}, N=16, fp32\n\n"
+          "Each sampler as the paired mean difference to DDPM-250 with a 95 % percentile bootstrap CI "
+          f"(10,000 resamples) over the {items * len(seeds)} (seed, item) pairs; every sampler starts from the "
+          "same x_T for a given seed (its first draw from the seeded generator); later noise differs by sampler. "
+          "NFE / sample: network calls per sample, counted by a hook on the network's forward. Targets (issue 17 "
+          "item 3, stated at 10 NFE, shown for every row): GED16 within 3 % = the upper CI bound of "
+          "GED16/GED16(DDPM) - 1 is <= +3 %; HM-IoU16 not below DDPM's CI = the sampler's mean HM-IoU16 >= the "
+          "lower 95 % bound of DDPM-250's mean HM-IoU16 (bootstrap over the same pairs).\n\n"
+          + _table_md(res, order, data["ged_table"]["reference"])
+          + (f"\n\nAt {TARGET_NFE} NFE:\n\n" + "\n".join(verdicts) if verdicts else ""))  # fmt: skip
+    title = "HSRDiff few-step sampling quality" + ("" if complete else " (partial: the run is still going or was stopped)")
+    data["ged_table"]["status"] = "complete" if complete else f"partial: {len(names)} sampler row(s)"
+    return write_results(args.out, title, md, data)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -228,6 +434,10 @@ def run(args: argparse.Namespace) -> Path:
                             "settings": {k_: v for k_, v in vars(args).items()},
                             "parameters": model.num_parameters()}  # fmt: skip
     md: list[str] = []
+    if args.ged_table:
+        path = ged_table(args, data)
+        print(path.read_text())
+        return path
 
     if args.speed:
         if args.main:
@@ -430,15 +640,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "dpmpp_2m:<steps>[:bf16] or dpmpp_2m_sde:<steps>[:<eta>][:bf16] (eta default 1)")
     p.add_argument("--ged-reference", default=None,
                    help="JSON of an earlier run (same checkpoint, items, seed) to take DDPM 250 from instead of rerunning it")
+    p.add_argument("--ged-table", action="store_true",
+                   help="only the quality table of issue 17: DDIM eta=1, dpmpp_2m, dpmpp_2m_sde at --ged-steps against "
+                        "DDPM-250 over --ged-items x --ged-seeds, paired bootstrap CIs (--ged-variants replaces the rows)")
+    p.add_argument("--ged-steps", type=int, nargs="+", default=[5, 10, 15, 25], help="step counts of the --ged-table rows")
+    p.add_argument("--ged-seeds", type=int, nargs="+", default=[7, 8],
+                   help="sampling-noise seeds of --ged-table (the same for every sampler)")
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--out", default=None, help="result stem (default benchmarks/results/sampling_<size>)")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.num_samples, args.timed_steps, args.repeats, args.warmup = 16, 2, 2, 1, 0
         args.compile, args.matmul_size = False, 256
+        if args.ged_table:  # 2 items x 2 seeds, one 2-step row per sampler
+            args.ged_items, args.ged_steps, args.ged_seeds = 2, [2], [7, 8]
     if args.timed_steps < 2:
         p.error(f"--timed-steps must be >= 2 (a DDPM schedule needs T >= 2), got {args.timed_steps}")
-    args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / f"sampling_{args.size}")
+    default = "sampling_quality" if args.ged_table else f"sampling_{args.size}"
+    args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / default)
     return args
 
 

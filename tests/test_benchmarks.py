@@ -57,6 +57,38 @@ def test_sampling_quick(tmp_path):
     assert "speed-up against (a)" in md and "| fp32 | bf16 + channels-last |" in md
 
 
+def test_sampling_ged_table_quick(tmp_path):
+    """Issue 17's quality table: counted network calls, paired CIs recomputable from the per-pair scores."""
+    from benchmarks.common import paired_bootstrap_ci
+
+    # one thread: two on a 2-core machine busy with other jobs made this 20x slower
+    r = _run("sampling", tmp_path, "--ged-table", "--threads", "1", "--ged-data", str(tmp_path / "data"))
+    table = r["data"]["ged_table"]
+    assert table["status"] == "complete" and table["items"] == 2 and table["seeds"] == [7, 8]
+    res = table["results"]
+    ref = res[table["reference"]]
+    assert table["reference"] == "DDPM 10" and ref["nfe"] == 10  # --quick's T=10 process
+    assert set(res) == {"DDPM 10", "DDIM 2 eta=1", "DPM++2M 2", "DPM++2M SDE 2"}
+    for name in ("DDIM 2 eta=1", "DPM++2M 2", "DPM++2M SDE 2"):
+        row = res[name]
+        assert row["nfe"] == 2  # counted by a hook on forward: the 2nd-order multistep solver makes 1 call per step
+        assert all(len(v) == 4 for v in row["per_pair"].values())  # 2 seeds x 2 items
+        for k in ("ged_16", "hm_iou_16", "mdm_16"):
+            st = row["stats"][k]
+            mean, lo, hi = paired_bootstrap_ci(row["per_pair"][k], ref["per_pair"][k])
+            assert st["diff"] == pytest.approx(mean) and st["diff_ci95"] == pytest.approx([lo, hi])
+        rel = row["stats"]["ged_16"]
+        assert rel["rel_ci95"][0] <= rel["rel"] <= rel["rel_ci95"][1]
+        tg = row["stats"]["targets"]
+        assert tg["ged_16_within_3pct"] == (rel["rel_ci95"][1] <= 0.03)
+        assert tg["hm_iou_16_not_below_ddpm_ci"] == (row["stats"]["hm_iou_16"]["mean"] >= tg["hm_iou_16_ddpm_ci_low"])
+    # same x_T and noise stream: at 2 steps the SDE solver's only non-final step is first order, which
+    # is DDIM eta=1, and both end on x0_hat, so the two rows score the same
+    for k, v in res["DDIM 2 eta=1"]["per_pair"].items():
+        assert res["DPM++2M SDE 2"]["per_pair"][k] == pytest.approx(v, abs=1e-6)
+    assert "| DDPM 10 (reference) | 10 |" in r["md"] and "GED16 within 3 %" in r["md"]
+
+
 @pytest.mark.slow
 def test_training_quick(tmp_path):
     r = _run("training", tmp_path)
