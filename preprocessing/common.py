@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -321,8 +323,21 @@ def _name_patient(error: BaseException, patient: str) -> BaseException:
 _WORK: Callable[[str], Any] | None = None  # the work of a pool process, set by _start_worker
 
 
+def _exit_with_parent() -> None:
+    """In a pool process: exit at once when the main process is gone (killed), not linger.
+
+    A patient cut short leaves only its hidden temporary folder, which the next run removes.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+
 def _start_worker(work: Callable[[str], Any], initializer: Callable[..., None] | None, initargs: tuple) -> None:
     global _WORK
+    if multiprocessing.parent_process() is not None:  # a pool process, not this process (workers == 1)
+        threading.Thread(target=_exit_with_parent, daemon=True).start()
     if initializer is not None:
         initializer(*initargs)
     _WORK = work

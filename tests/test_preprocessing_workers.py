@@ -138,3 +138,28 @@ def test_bad_workers_value(value, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--workers must be a whole number >= 1"):
         ms_lesion.preprocess_ms_lesion(tmp_path, tmp_path / "out", workers=-1, log=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_lidc_kill_keeps_finished_patients(lidc_root, tmp_path):
+    """SIGKILL of the command mid-run: finished patients stay complete, the workers exit, a re-run resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-u", "-m", "preprocessing.lidc", "--dicom-root", str(lidc_root), "--out", str(out), *LIDC_OPTS, "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1])
+    for line in proc.stdout:
+        if line.startswith("[1/3]"):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.name for p in (out / "items").iterdir() if not p.name.startswith(".")}
+    assert finished and all((out / "items" / p / "manifest.json").is_file() for p in finished)
+    time.sleep(1.0)
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sum("already prepared" in line for line in run.stdout.splitlines()) >= 1
+    assert sorted(os.listdir(out / "items")) == sorted((KNOWN, *OTHERS))  # the killed run's temporary folders removed
+    assert (out / "datalist.json").is_file()
