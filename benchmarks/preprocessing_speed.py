@@ -59,11 +59,11 @@ def _write_lidc(root: Path, n: int) -> list[str]:
     return patients
 
 
-def _write_ms(root: Path, n: int) -> list[str]:
+def _write_ms(root: Path, n: int, shape: tuple[int, int, int]) -> list[str]:
     from synthetic_nifti import write_isbi_layout
 
     patients = {f"training{k + 1:02d}": (2, 0, 1)[k % 3] for k in range(n)}
-    write_isbi_layout(root, patients=patients, shape=(96, 96, 48))
+    write_isbi_layout(root, patients=patients, shape=shape)
     return list(patients)
 
 
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lidc-patients", type=int, default=10, help="LIDC patients (0: leave LIDC out)")
     p.add_argument("--ms-patients", type=int, default=16, help="MS-Lesion patients (0: leave MS-Lesion out)")
+    p.add_argument("--ms-shape", type=int, nargs=3, default=(160, 192, 96), metavar=("X", "Y", "AXIAL"),
+                   help="MS-Lesion volume size (ISBI-2015's is 181 217 181)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="N compared with 1")
     p.add_argument("--out", default=str(RESULTS_DIR / "preprocessing_speed"), help="result stem (.md, .json)")
     a = p.parse_args(argv)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             pats = _write_lidc(tmp / "dicom", a.lidc_patients)
             tasks.append(("lidc", pats, ["preprocessing.lidc", "--dicom-root", str(tmp / "dicom")]))
         if a.ms_patients:
-            pats = _write_ms(tmp / "isbi", a.ms_patients)
+            pats = _write_ms(tmp / "isbi", a.ms_patients, tuple(a.ms_shape))
             tasks.append(("ms_lesion", pats, ["preprocessing.ms_lesion", "--root", str(tmp / "isbi")]))
         for task, pats, args in tasks:
             seconds, loads, outs = {}, {}, {}
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             items = sum(1 for _ in outs[1].rglob("*.npz"))
             ratio = seconds[1] / seconds[a.workers]
             print(f"{task}: speed-up {ratio:.2f}x with --workers {a.workers}; outputs identical: {same}", flush=True)
-            rows.append([task, len(pats), items, f"{seconds[1]:.1f}", f"{seconds[a.workers]:.1f}", f"{ratio:.2f}x",
+            rows.append([task + (f" {'x'.join(map(str, a.ms_shape))}" if task == "ms_lesion" else ""), len(pats), items, f"{seconds[1]:.1f}", f"{seconds[a.workers]:.1f}", f"{ratio:.2f}x",
                          f"{loads[1][0]} / {loads[a.workers][0]}", "yes" if same else "NO"])  # fmt: skip
             data["runs"][task] = {"patients": pats, "items": items, "seconds": {str(k): v for k, v in seconds.items()},
                                   "speedup": ratio, "load_average_1min": {str(k): v for k, v in loads.items()},
