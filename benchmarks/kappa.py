@@ -171,8 +171,13 @@ def diagnostics_table(runs: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
-def plot(runs: list[dict], path: Path) -> None:
-    """κ(t), mean ± sd over items (seed-averaged), one panel per variant, with the optimal κ*."""
+def plot(runs: list[dict], path: Path, titles: dict[str, str] | None = None) -> None:
+    """κ(t), mean ± sd over items (seed-averaged), one panel per variant, with the optimal κ*.
+
+    ``runs``: records with ``variant`` (a :data:`VARIANTS` key) and ``diagnostics`` (as
+    :func:`kappa_diagnostics` returns; a missing ``*_sd`` draws no band); ``titles``: panel
+    titles by variant (default the variants' labels).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,10 +190,10 @@ def plot(runs: list[dict], path: Path) -> None:
         t = np.asarray(done[0]["t"])
         for name, style, label in (("kappa", "-", "learned κ"), ("kappa_opt", "--", "optimal κ*")):
             mean = np.mean([d[f"{name}_mean"] for d in done], axis=0)
-            sd = np.mean([d[f"{name}_sd"] for d in done], axis=0)
+            sd = np.mean([d.get(f"{name}_sd", np.zeros_like(t, dtype=float)) for d in done], axis=0)
             ax.plot(t, mean, style, label=label)
             ax.fill_between(t, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), alpha=0.2)
-        ax.set_title(VARIANTS[key]["label"], fontsize=8)
+        ax.set_title((titles or {}).get(key, VARIANTS[key]["label"]), fontsize=8)
         ax.set_xlabel("timestep t")
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("κ (weight of the x0 mode)")

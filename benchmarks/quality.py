@@ -282,6 +282,14 @@ def run(args: argparse.Namespace) -> Path:
                       {"command": command_line(), "machine": machine, "settings": settings, "rows": records,
                        "references": refs, "runs": runs, "status": status}, notes)  # fmt: skip
 
+    def plot_kappa() -> None:  # the SRDiff row's kappa(t) against kappa*, mean ± sd over items, seed-averaged
+        from benchmarks.kappa import plot
+
+        curves = [{"variant": "normalized_detach", "diagnostics": r["kappa_t"]} for r in runs if "kappa_t" in r]
+        if curves:
+            plot(curves, out.with_name(out.name + "_kappa.png"),
+                 {"normalized_detach": f"SRDiff, {args.task} demo {args.size}x{args.size}, {len(curves)} seed(s)"})  # fmt: skip
+
     flush("started")
     for seed in args.seeds:
         for row in args.rows:
@@ -306,7 +314,7 @@ def run(args: argparse.Namespace) -> Path:
                     from benchmarks.kappa import kappa_diagnostics  # here: kappa.py imports this module
 
                     diag = kappa_diagnostics(net, SelfRegulatedDiffusion(**proc), images, masks)
-                    res["kappa_t"] = {k: diag[k] for k in ("t", "kappa_mean", "kappa_sd", "kappa_opt_mean")}
+                    res["kappa_t"] = {k: diag[k] for k in ("t", "kappa_mean", "kappa_sd", "kappa_opt_mean", "kappa_opt_sd")}
                 rec = {"row": row + suffix, "seed": seed, **info, **res}
                 runs.append(rec)
                 with open(jsonl, "a", encoding="utf-8") as f:
@@ -314,6 +322,7 @@ def run(args: argparse.Namespace) -> Path:
                 print(json.dumps(rec), flush=True)
             flush(f"running ({len(runs)} evaluations done, {time.perf_counter() - started:.0f} s)")
     flush(f"complete ({time.perf_counter() - started:.0f} s)")
+    plot_kappa()
     table, _ = summarise(runs, refs)
     print(table)
     return out.with_suffix(".md")
