@@ -22,7 +22,7 @@ from monai.bundle import ConfigParser
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_dicom import write_ct_series  # noqa: E402
 
-from monai_hsrdiff.export.slicer import CASE_FILES  # noqa: E402
+from monai_hsrdiff.export.slicer import CASE_FILES, CASE_LAYOUT  # noqa: E402
 from monai_hsrdiff.inference import InferenceInputError, case_state, cases_under_root, read_case_list  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def test_cohort_cli_then_bundle_rerun(cohort):
     assert status2 == {"case_a": "skipped", "case_broken": "failed", "case_b": "ok", "case_x": "failed"}
     assert _mtimes(out / "case_a") == a_before  # a finished case is not touched
     assert sorted(p.name for p in (out / "case_b").iterdir()) == sorted(CASE_FILES)
-    assert case_state(out / "case_b") == "finished" and not partial.exists()
+    assert case_state(out / "case_b", CASE_LAYOUT) == "finished" and not partial.exists()
     assert (foreign / "notes.txt").read_text() == "mine"
     x_err = next(c["error"] for c in doc2["cases"] if c["id"] == "case_x")
     assert "notes.txt" in x_err and "case_x" in x_err
@@ -235,7 +235,7 @@ def test_ms_lesion_input_root_missing_modality(tmp_path, capsys, monkeypatch):
     assert _mtimes(out / "p1") == before
     assert main([*cmd, "--overwrite"]) == 1
     assert [c["status"] for c in json.loads((out / "cohort.json").read_text())["cases"]] == ["ok", "failed"]
-    assert _mtimes(out / "p1") != before and case_state(out / "p1") == "finished"
+    assert _mtimes(out / "p1") != before and case_state(out / "p1", CASE_LAYOUT) == "finished"
 
 
 def test_benchmark_quick(tmp_path):

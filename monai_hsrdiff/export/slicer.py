@@ -248,6 +248,9 @@ class SlicerCaseWriter:
         writer(prediction, source, summary={"seed": 0})
     """
 
+    #: what a case folder of this writer holds (the cohort reads it: inference does not import export)
+    layout = CASE_LAYOUT
+
     def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False, dicom_out: bool = False) -> None:
         self.output_dir = Path(output_dir)
         self.overwrite = bool(overwrite)

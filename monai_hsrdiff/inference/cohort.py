@@ -46,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from monai_hsrdiff.errors import BundleError, InferenceInputError
+from monai_hsrdiff.utils.outputs import OutputLayout
 
 __all__ = [
     "CASE_COLUMNS",
@@ -199,23 +200,23 @@ def cases_under_root(root: str | os.PathLike) -> list[CohortCase]:
     return cases
 
 
-def case_state(folder: str | os.PathLike) -> Literal["new", "finished", "unfinished", "foreign"]:
-    """What the cohort finds in a case folder.
+def case_state(folder: str | os.PathLike, layout: OutputLayout) -> Literal["new", "finished", "unfinished", "foreign"]:
+    """What the cohort finds in a case folder whose writer writes ``layout`` (the case writer's ``layout``,
+    ``monai_hsrdiff.export.slicer.CASE_LAYOUT``).
 
     ``finished``: the ``summary.json`` stamp of ``monai_hsrdiff.infer`` and every file it lists;
     ``unfinished``: only names a case of this command holds (e.g. a case whose files were
     partly deleted, or an empty folder): redone; ``foreign``: anything else: refused, never deleted.
     """
-    from monai_hsrdiff.export.slicer import CASE_LAYOUT
     from monai_hsrdiff.utils.outputs import read_stamp, unexpected_entries
 
     folder = Path(folder)
     if not folder.exists():
         return "new"
-    if not folder.is_dir() or unexpected_entries(folder, CASE_LAYOUT):
+    if not folder.is_dir() or unexpected_entries(folder, layout):
         return "foreign"
-    stamp = read_stamp(folder, CASE_LAYOUT.stamp_file)
-    if stamp is not None and stamp["writer"] == CASE_LAYOUT.writer and all((folder / e).is_file() for e in stamp["entries"]):
+    stamp = read_stamp(folder, layout.stamp_file)
+    if stamp is not None and stamp["writer"] == layout.writer and all((folder / e).is_file() for e in stamp["entries"]):
         return "finished"
     return "unfinished"
 
@@ -318,7 +319,7 @@ def run_cohort(
         folder = root / case.id
         t0 = time.perf_counter()
         row: dict[str, Any] = {"id": case.id, "input": case.input, "output": str(folder), "status": "ok", "error": None}
-        state = case_state(folder)
+        state = case_state(folder, writer.layout)
         if state == "finished" and not writer.overwrite:
             row["status"] = "skipped"
             say(f"[hsrdiff] case {n}/{len(cases)} {case.id}: finished earlier ({folder}), skipped")
