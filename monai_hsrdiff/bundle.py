@@ -14,21 +14,24 @@ Example (in ``bundles/lidc/train.json``)::
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from monai_hsrdiff.config_check import check_command, check_config_keys
 from monai_hsrdiff.error_hook import install_error_hook
-from monai_hsrdiff.errors import BundleError, DatalistError, fail
+from monai_hsrdiff.errors import BundleError, DatalistError, InferenceInputError, fail
 from monai_hsrdiff.paths import TASKS, bundle_root, check_task, default_dataset_dir, default_run_dir, repo_root
 
 __all__ = [
     "TASKS",
     "BundleError",
     "announce",
+    "bundle_modality",
     "bundle_root",
     "check_command_line",
     "check_config_keys",
     "default_dataset_dir",
+    "default_item_spacing",
     "default_run_dir",
     "fail",
     "install_error_hook",
@@ -168,3 +171,23 @@ def check_command_line(task: str, argv: list[str] | None = None) -> None:
     """
     install_error_hook()
     check_command(task, argv)
+
+
+def default_item_spacing(task: str) -> float | None:
+    """The in-plane item spacing (mm) the task's model trains on (``monai_hsrdiff.tasks``): LIDC 0.5, MS None."""
+    from monai_hsrdiff.tasks import get_task
+
+    return get_task(task).item_spacing
+
+
+def bundle_modality(bundle: str | os.PathLike) -> str | None:
+    """The DICOM ``Modality`` the bundle's model takes: ``metadata.json`` ->
+    ``network_data_format.inputs.image.modality`` (LIDC ``"CT"``); ``None`` without a metadata.json."""
+    meta = Path(bundle) / "metadata.json"
+    if not meta.is_file():
+        return None
+    try:
+        value = json.loads(meta.read_text())["network_data_format"]["inputs"]["image"].get("modality")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InferenceInputError(f"{meta}: cannot read network_data_format.inputs.image.modality ({type(e).__name__}: {e})") from e
+    return None if value is None else str(value)

@@ -22,18 +22,21 @@ import difflib
 import importlib
 import inspect
 import json
+import os
 import pydoc
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_hsrdiff.errors import fail
+from monai_hsrdiff.errors import InferenceInputError, fail
 
 __all__ = [
     "RESERVED",
     "BundleCommand",
     "bundle_command",
+    "bundle_config_files",
     "check_command",
     "check_config_keys",
     "command_config",
@@ -374,3 +377,17 @@ def check_command(task: str, argv: list[str] | None = None) -> BundleCommand | N
         if why:
             raise fail(why)
     return command
+
+
+def bundle_config_files(bundle: Path, configs: Sequence[str | os.PathLike]) -> list[Path]:
+    """train.json, inference.json and the ``--config`` overrides; an override may only set keys the bundle defines
+    (MONAI would silently add a misspelt key and the model would not be the one trained)."""
+    files = [bundle / "train.json", bundle / "inference.json", *[Path(c) for c in configs]]
+    for f in files:
+        if not f.is_file():
+            raise InferenceInputError(f"config file {f} does not exist (--bundle {bundle}, --config {list(configs)})")
+    overrides: dict[str, str] = {}
+    for c in configs:
+        overrides.update({k: str(c) for k in load_json(Path(c)) if k not in overrides})
+    check_config_keys(overrides, definition_files(bundle))
+    return files

@@ -14,23 +14,21 @@ volume inferer -> writer (:mod:`monai_hsrdiff.inference.inferer`). The case fold
 (``monai_hsrdiff.export.dicom_out``). Bad input stops with ``error: ...`` and exit code 2; nothing
 is written then.
 
-Many cases, the model loaded once: ``--input-list cases.csv`` (columns ``id,input`` and optional
-``slices,center,size,units,series_uid``) or ``--input-root ROOT`` (one case per sub-folder);
-``--out`` is then the cohort folder: ``<out>/<id>/`` per case (the files above), finished cases
-skipped on a rerun, ``<out>/cohort.json`` at the end, exit code 1 when a case failed
-(:mod:`monai_hsrdiff.inference.cohort`; bundle keys ``input_list`` / ``input_root``).
+Many cases, the model loaded once: ``--input-list cases.csv`` or ``--input-root ROOT``, ``--out`` the
+cohort folder (:mod:`monai_hsrdiff.inference.cohort`; bundle keys ``input_list`` / ``input_root``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from monai_hsrdiff.bundle import bundle_modality, default_item_spacing  # bundle keys name them here
+from monai_hsrdiff.config_check import bundle_config_files
 from monai_hsrdiff.errors import BundleError, InferenceInputError, fail
 from monai_hsrdiff.utils.device import resolve_device
 
@@ -42,31 +40,7 @@ SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde")
 PRECISION_NAMES = ("bfloat16", "float16", "float32")
 
 
-def default_item_spacing(task: str) -> float | None:
-    """The in-plane item spacing (mm) the task's model trains on (``monai_hsrdiff.tasks``): LIDC 0.5, MS None."""
-    from monai_hsrdiff.tasks import get_task
-
-    return get_task(task).item_spacing
-
-
-def bundle_modality(bundle: str | os.PathLike) -> str | None:
-    """The DICOM ``Modality`` the bundle's model takes: ``metadata.json`` ->
-    ``network_data_format.inputs.image.modality`` (LIDC ``"CT"``); ``None`` without a metadata.json."""
-    meta = Path(bundle) / "metadata.json"
-    if not meta.is_file():
-        return None
-    try:
-        value = json.loads(meta.read_text())["network_data_format"]["inputs"]["image"].get("modality")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InferenceInputError(f"{meta}: cannot read network_data_format.inputs.image.modality ({type(e).__name__}: {e})") from e
-    return None if value is None else str(value)
-
-
-def case_name(
-    input: str | Sequence[str] | None,  # noqa: A002 - the bundle key is "input"
-    input_list: str | os.PathLike | None = None,
-    input_root: str | os.PathLike | None = None,
-) -> str:
+def case_name(input: str | Sequence[str] | None, input_list: str | None = None, input_root: str | None = None) -> str:  # noqa: A002
     """A folder name for the case: the series folder's name, or the first NIfTI file's name (``output_dir``);
     ``""`` for a cohort (``input_list``/``input_root``: ``output_dir`` is then the cohort folder)."""
     if not input and (input_list or input_root):
@@ -78,22 +52,6 @@ def case_name(
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return name or "case"
-
-
-def _config_files(bundle: Path, configs: Sequence[str | os.PathLike]) -> list[Path]:
-    """train.json, inference.json and the ``--config`` overrides; an override may only set keys the bundle defines
-    (MONAI would silently add a misspelt key and the model would not be the one trained)."""
-    from monai_hsrdiff.config_check import check_config_keys, definition_files, load_json
-
-    files = [bundle / "train.json", bundle / "inference.json", *[Path(c) for c in configs]]
-    for f in files:
-        if not f.is_file():
-            raise InferenceInputError(f"config file {f} does not exist (--bundle {bundle}, --config {list(configs)})")
-    overrides: dict[str, str] = {}
-    for c in configs:
-        overrides.update({k: str(c) for k in load_json(Path(c)) if k not in overrides})
-    check_config_keys(overrides, definition_files(bundle))
-    return files
 
 
 def infer(
@@ -144,7 +102,7 @@ def infer(
 
     checked_device = resolve_device(device)
     bundle = Path(bundle)
-    files = _config_files(bundle, configs)
+    files = bundle_config_files(bundle, configs)
     cohort = input_list is not None or input_root is not None
     if cohort and input is not None:
         raise InferenceInputError("give --input, --input-list or --input-root, not several")
