@@ -38,6 +38,7 @@ __all__ = [
     "add_workers_argument",
     "check_workers",
     "map_patients",
+    "run_patients",
     "check_output_folder",
     "converter_layout",
     "require_out_folder",
@@ -345,6 +346,40 @@ def _start_worker(work: Callable[[str], Any], initializer: Callable[..., None] |
 
 def _run_one(patient: str) -> Any:
     return _WORK(patient)
+
+
+def run_patients(
+    work: Callable[[str], Any],
+    patients: Sequence[str],
+    done: dict[str, Any],
+    workers: int,
+    errors: tuple[type[BaseException], ...],
+    on_error: str,
+    log: Callable[[str], None] | None,
+    resumed: Callable[[Any], str],
+    finished: Callable[[str, Any], str],
+    **pool: Any,
+) -> tuple[dict[str, Any], dict[str, BaseException]]:
+    """Run ``work`` (:func:`map_patients`, ``pool``: its initializer, initargs, preload) on the
+    ``patients`` not in ``done`` (finished by an earlier run), with :class:`Progress` lines:
+    ``resumed(result)`` for a kept patient, ``finished(patient, result)`` for a built one.
+
+    Returns:
+        (results by patient, ``done`` included; the patients' own errors under ``on_error="skip"``).
+    """
+    todo = [p for p in patients if p not in done]
+    steps = Progress(len(patients), len(todo), log)
+    for patient, result in done.items():
+        steps.step(patient, resumed(result), built=False)
+    results, failed = dict(done), {}
+    for patient, result, error in map_patients(work, todo, workers, errors, on_error, **pool):
+        if error is not None:
+            failed[patient] = error
+            steps.step(patient, f"FAILED, skipped: {error}")
+        else:
+            results[patient] = result
+            steps.step(patient, finished(patient, result))
+    return results, failed
 
 
 def map_patients(

@@ -47,15 +47,14 @@ from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
 from monai_hsrdiff.tasks.lidc import AIR_HU, LIDC_HU_WINDOW, LIDC_ITEM_SPACING, MAX_READERS, hu_to_unit
 from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, remove_interrupted_writes, replace_dir
 from preprocessing.common import (
-    Progress,
     RunSummary,
     add_split_arguments,
     add_workers_argument,
     check_output_folder,
     check_workers,
     converter_layout,
-    map_patients,
     require_out_folder,
+    run_patients,
     split_by_patient,
     write_datalist,
 )
@@ -332,10 +331,8 @@ def prepare_lidc(
         on_error: ``"raise"`` stops at the first bad patient; ``"skip"`` records it in the
             summary and goes on.
         progress: print ``[done/total] patient: status (elapsed, ETA)`` lines and the summary.
-        workers: patients prepared at once, each in its own process
-            (:func:`preprocessing.common.map_patients`); the items, ``datalist.json`` and
-            the summary are the same for any number. Under ``on_error="raise"`` the
-            patients already running finish (and are kept) before the error is raised.
+        workers: patients prepared at once, one process each (:func:`preprocessing.common.run_patients`):
+            the same output for any number; under ``on_error="raise"`` the running ones finish (kept) first.
 
     Raises:
         LidcPreparationError: unknown patient id, nothing to prepare, or options differ from
@@ -381,27 +378,14 @@ def prepare_lidc(
             f"no LIDC-IDRI series found under {dicom_root} (indexed {len(index.series_uids)} series); "
             f"pass the folder of the TCIA download as --dicom-root"
         )
-    kept = {}  # finished by an earlier run: resumed, not redone
-    for patient in selected:
-        manifest = None if overwrite else _finished_manifest(items_dir, patient, options)
-        if manifest is not None:
-            kept[patient] = manifest
-    todo = [p for p in selected if p not in kept]
-    steps = Progress(len(selected), len(todo), (lambda line: print(line, flush=True)) if progress else None)
+    found = {p: None if overwrite else _finished_manifest(items_dir, p, options) for p in selected}
+    kept = {p: m for p, m in found.items() if m is not None}  # finished by an earlier run: resumed, not redone
     resumed = "already prepared, skipped (--overwrite redoes it)"
-    for patient in kept:
-        steps.step(patient, resumed, built=False)
-    manifests, failed = dict(kept), {}
-    for patient, manifest, error in map_patients(
-        _prepare_in_worker, todo, workers, (DicomSeriesError, LidcPreparationError), on_error,
+    manifests, failed = run_patients(
+        _prepare_in_worker, selected, kept, workers, (DicomSeriesError, LidcPreparationError), on_error,
+        (lambda line: print(line, flush=True)) if progress else None, lambda m: resumed, lambda p, m: f"{len(m['items'])} items",
         initializer=_start_lidc_worker, initargs=(index, items_dir, options), preload=("preprocessing.pylidc_preload",),
-    ):  # fmt: skip
-        if error is not None:
-            failed[patient] = error
-            steps.step(patient, f"FAILED, skipped: {error}")
-        else:
-            manifests[patient] = manifest
-            steps.step(patient, f"{len(manifest['items'])} items")
+    )  # fmt: skip
     entries: list[dict[str, Any]] = []
     for patient in selected:  # the summary and the datalist in patient order, whatever the finishing order
         if patient in failed:
@@ -459,18 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         require_out_folder(args.out)
         options = LidcOptions(args.spacing, args.size, args.min_readers, tuple(args.hu_window))
-        prepare_lidc(
-            args.dicom_root,
-            args.out,
-            patients=args.patients,
-            limit=args.limit,
-            options=options,
-            seed=args.seed,
-            split_ratios=args.split_ratios,
-            overwrite=args.overwrite,
-            on_error=args.on_error,
-            workers=args.workers,
-        )
+        prepare_lidc(args.dicom_root, args.out, patients=args.patients, limit=args.limit, options=options, seed=args.seed,
+                     split_ratios=args.split_ratios, overwrite=args.overwrite, on_error=args.on_error, workers=args.workers)
     except (ValueError, OSError) as e:  # our errors are ValueErrors with a full message
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -55,15 +55,14 @@ from monai_hsrdiff.tasks.ms_lesion import MODALITIES, RATERS, MSLesionInputError
 from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, replace_dir
 
 from .common import (
-    Progress,
     RunSummary,
     add_split_arguments,
     add_workers_argument,
     check_output_folder,
     check_workers,
     converter_layout,
-    map_patients,
     require_out_folder,
+    run_patients,
     split_by_patient,
     write_datalist,
 )
@@ -269,7 +268,7 @@ def preprocess_ms_lesion(
             empty or this command's own output: anything else is refused, never deleted.
         log: progress sink (``[done/total] patient: status (elapsed, ETA)`` lines, the summary).
         workers: patients built at once, each in its own process
-            (:func:`preprocessing.common.map_patients`); items, ``datalist.json`` and the
+            (:func:`preprocessing.common.run_patients`); items, ``datalist.json`` and the
             summary are the same for any number.
         on_error: ``"raise"`` stops at the first bad patient (those already running finish
             and are kept); ``"skip"`` names it in the summary, leaves it out of the
@@ -312,21 +311,13 @@ def preprocess_ms_lesion(
             check_headers(tp)
 
     summary = RunSummary()
-    steps = Progress(len(patients), len(todo), log)
-    for patient, entries in done.items():
-        steps.step(patient, f"already done, {len(entries)} items (resume; --overwrite rebuilds)", built=False)
-    built, failed = dict(done), {}
-    for patient, entries, error in map_patients(
-        _build_in_worker, todo, workers, (MSLesionInputError,), on_error,
+    built, failed = run_patients(
+        _build_in_worker, list(patients), done, workers, (MSLesionInputError,), on_error, log,
+        lambda entries: f"already done, {len(entries)} items (resume; --overwrite rebuilds)",
+        lambda p, entries: f"{len(entries)} items from {len(patients[p])} time points",
         initializer=_start_ms_worker, initargs=({p: patients[p] for p in todo}, root, out, settings),
         preload=("torch", "monai.transforms"),  # what _time_point_items imports: once, in the fork server
-    ):  # fmt: skip
-        if error is not None:
-            failed[patient] = error
-            steps.step(patient, f"FAILED, skipped: {error}")
-        else:
-            built[patient] = entries
-            steps.step(patient, f"{len(entries)} items from {len(patients[patient])} time points")
+    )  # fmt: skip
     all_entries: list[dict] = []
     for patient in patients:  # the summary and the datalist in patient order, whatever the finishing order
         if patient in failed:
