@@ -20,26 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, markdown_table, write_results  # noqa: E402
-
-
-def _snapshot(out: Path) -> dict[str, object]:
-    """Every file under ``out`` -> bytes (``.npz``: its zip entries, without their write time)."""
-    snap: dict[str, object] = {}
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        rel = path.relative_to(out).as_posix()
-        if path.suffix == ".npz":
-            with zipfile.ZipFile(path) as z:
-                snap[rel] = [(i.filename, i.CRC, z.read(i)) for i in z.infolist()]
-        else:
-            snap[rel] = path.read_bytes()
-    return snap
+from output_snapshot import output_snapshot as _snapshot  # noqa: E402
 
 
 def _write_lidc(root: Path, n: int, pick: str = "fewest") -> list[str]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from output_snapshot import output_snapshot as _snapshot
 from synthetic_dicom import write_lidc_like_series
 from synthetic_nifti import write_isbi_layout
 
@@ -28,20 +28,6 @@ from preprocessing.pylidc_compat import import_pylidc
 KNOWN = "LIDC-IDRI-0078"  # 4 nodules, 87 slices
 OTHERS = ("LIDC-IDRI-0983", "LIDC-IDRI-0611")  # two scans with few slices
 LIDC_OPTS = ["--spacing", "1.0", "--size", "32"]
-
-
-def _snapshot(out: Path) -> dict[str, object]:
-    """Every file under ``out`` -> its bytes (``.npz``: its zip entries without the write time)."""
-    snap: dict[str, object] = {}
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        rel = path.relative_to(out).as_posix()
-        if path.suffix == ".npz":
-            with zipfile.ZipFile(path) as z:
-                snap[rel] = [(i.filename, i.compress_type, i.CRC, i.file_size, i.compress_size, z.read(i)) for i in z.infolist()]
-        else:
-            snap[rel] = path.read_bytes()
-    return snap
-
 
 def _assert_same_output(a: Path, b: Path) -> None:
     sa, sb = _snapshot(a), _snapshot(b)
