@@ -209,13 +209,15 @@ def reference_rows(masks: np.ndarray, num_samples: int = 16) -> dict[str, dict[s
     return {"ref_one_reader": score(one_reader, masks), "ref_annotations": score(annotations, masks)}
 
 
-REF_LABELS = {
-    "ref_one_reader": "reference: reader 1's mask repeated 16x (no model)",
-    "ref_annotations": "reference: the annotations, each repeated to 16 (no model)",
-}
+def ref_labels(num_annotations: int) -> dict[str, str]:
+    """The reference rows' labels for items with ``num_annotations`` readers (LIDC 4, MS-Lesion 2)."""
+    return {
+        "ref_one_reader": "reference: reader 1's mask repeated 16x (no model)",
+        "ref_annotations": f"reference: the {num_annotations} annotations, each {16 // num_annotations}x (no model)",
+    }
 
 
-def summarise(runs: list[dict], refs: dict[str, dict]) -> tuple[str, list[dict]]:
+def summarise(runs: list[dict], refs: dict[str, dict], num_annotations: int = 4) -> tuple[str, list[dict]]:
     """Per-row mean ± sample standard deviation over seeds, as a markdown table and records."""
     order = [*ROWS, *EXTRA_LABELS]
     rows_md, records = [], []
@@ -244,7 +246,7 @@ def summarise(runs: list[dict], refs: dict[str, dict]) -> tuple[str, list[dict]]
         rows_md.append(cells)
         records.append(rec)
     for key, res in refs.items():
-        rows_md.append([REF_LABELS[key], "-", *(f"{res[m]:.3f}" for m in METRICS), ""])
+        rows_md.append([ref_labels(num_annotations)[key], "-", *(f"{res[m]:.3f}" for m in METRICS), ""])
     header = ["row (paper Table 6)", "seeds", "GED16 (lower better)", "HM-IoU16", "MDM16", "mean kappa"]
     return markdown_table(header, rows_md), records
 
@@ -270,7 +272,7 @@ def run(args: argparse.Namespace) -> Path:
     steps = get_sampler(args.sampler, SelfRegulatedDiffusion(), num_inference_steps=args.steps).num_inference_steps
 
     def flush(status: str) -> None:
-        table, records = summarise(runs, refs)
+        table, records = summarise(runs, refs, masks.shape[1])
         notes = (
             f"Status: {status}. Settings: image {args.size}x{args.size}, {DATA_LABELS[args.task]}, light widths {LIGHT_DEMO_NET['channels']}, {args.iterations} iterations of batch "
             f"{args.batch_size}, AdamW lr {args.lr}, evaluation on {images.shape[0]} test items with N={args.num_samples} "
@@ -323,7 +325,7 @@ def run(args: argparse.Namespace) -> Path:
             flush(f"running ({len(runs)} evaluations done, {time.perf_counter() - started:.0f} s)")
     flush(f"complete ({time.perf_counter() - started:.0f} s)")
     plot_kappa()
-    table, _ = summarise(runs, refs)
+    table, _ = summarise(runs, refs, masks.shape[1])
     print(table)
     return out.with_suffix(".md")
 
@@ -333,7 +335,7 @@ def add_demo_run_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--size", type=int, default=32, help="image size (demo data built at this size)")
     p.add_argument("--num-items", type=int, default=300, help="demo items to build when the data folder is empty")
     p.add_argument("--data", default=None, help="demo data folder (default <repo>/data/bench_demo_<task>_<size>)")
-    p.add_argument("--work", default=None, help=f"checkpoint folder (default <repo>/runs/bench_{name}_<size>)")
+    p.add_argument("--work", default=None, help=f"checkpoint folder (default <repo>/runs/bench_{name}_<size>, MS-Lesion bench_{name}_ms_<size>)")
     p.add_argument("--out", default=None, help=f"result stem (default benchmarks/results/{name}_<lidc|ms><size>)")
     p.add_argument("--iterations", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=16)
@@ -355,7 +357,9 @@ def complete_demo_run_args(p: argparse.ArgumentParser, args: argparse.Namespace,
         p.error(f"--size must be divisible by 4 (3 network levels), got {args.size}")
     tag = {"lidc": "lidc", "ms_lesion": "ms"}[task]
     args.data = args.data or str(REPO_ROOT / "data" / f"bench_demo_{task}_{args.size}")
-    args.work = args.work or str(REPO_ROOT / "runs" / f"bench_{name}_{args.size}")
+    # LIDC keeps its earlier folder; another task's checkpoints (same <row>_s<seed>.pt names) must not replace them
+    work = f"bench_{name}_{args.size}" if task == "lidc" else f"bench_{name}_{tag}_{args.size}"
+    args.work = args.work or str(REPO_ROOT / "runs" / work)
     args.out = args.out or str(REPO_ROOT / "benchmarks" / "results" / f"{name}_{tag}{args.size}")
 
 
