@@ -8,8 +8,12 @@ step does not depend on the weights):
 (b) :class:`~monai_hsrdiff.diffusion.HSRDiffPipeline` with :class:`DDPMSampler`: E_c once per
     image, the N samples in one batch, ``torch.inference_mode``, 250 steps;
 (c) the same pipeline with :class:`DDIMSampler` (eta=0) at 25 / 50 / 100 steps;
-(d) the same pipeline with SDE-DPM-Solver++(2M) (:class:`DPMSolverSampler`, eta=1) at the same
-    step counts (same network calls; it shows that the solver's arithmetic costs nothing).
+(d) the same pipeline with SDE-DPM-Solver++(2M) (:class:`DPMSolverSampler`, eta=1) at ``--dpm-steps``
+    (10: the bundles' validation and inference default).
+
+Each runs in fp32, fp32 + ``torch.compile``, bf16 autocast + channels-last, bf16 weights +
+channels-last, and the latter compiled; a table gives each one's FLOP/s as a fraction of its
+precision's matmul peak, measured in the same run with the CPU model printed (issue 17 item 4).
 
 Full-length runs at 128x128 take hours on 2 CPU cores, so each variant is timed over
 ``--timed-steps`` steps (interleaved with the others, ``--repeats`` rounds, median) and the
@@ -128,7 +132,17 @@ def pipeline_configs(model, args) -> dict[str, tuple[Any, torch.dtype | None]]:
         configs["fp32 + torch.compile"] = (torch.compile(model), None)
     if args.bf16:
         configs["bf16 + channels-last"] = (copy.deepcopy(model).to(memory_format=torch.channels_last), torch.bfloat16)
+        # weights stored in bf16: autocast then has no weight to cast per call, and GroupNorm/SiLU run in bf16
+        bf16_weights = copy.deepcopy(model).to(torch.bfloat16, memory_format=torch.channels_last)
+        configs["bf16 weights + channels-last"] = (bf16_weights, torch.bfloat16)
+        if args.compile:  # inductor fuses GroupNorm + SiLU + add, the memory-bound half of a bf16 step
+            configs["bf16 weights + channels-last + torch.compile"] = (torch.compile(copy.deepcopy(bf16_weights)), torch.bfloat16)
     return configs
+
+
+def precision_of(config: str) -> torch.dtype:
+    """The matmul peak a :func:`pipeline_configs` entry is held to: bf16 for the bf16 ones, else fp32."""
+    return torch.bfloat16 if config.startswith("bf16") else torch.float32
 
 
 def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
@@ -484,7 +498,7 @@ def run(args: argparse.Namespace) -> Path:
             totals["(b) DDPM pipeline, 250 steps"] = {name: ec + per_step[f"b|{name}"] * T for name in configs}
             for st in args.ddim_steps:
                 totals[f"(c) DDIM pipeline, {st} steps"] = {name: ec + per_step[f"c|{name}"] * st for name in configs}
-            for st in args.ddim_steps:
+            for st in args.dpm_steps:
                 totals[f"(d) DPM-Solver++(2M) SDE pipeline, {st} steps"] = {name: ec + per_step[f"d|{name}"] * st for name in configs}
             rows = [[variant] + [f"{cells[name]:.1f} s ({ref / cells[name]:.1f}x)" if name in cells else "-" for name in configs]
                     for variant, cells in totals.items()]  # fmt: skip
@@ -497,6 +511,7 @@ def run(args: argparse.Namespace) -> Path:
             data["per_step_seconds"] = per_step
             data["condition_encoder_seconds"] = ec
             data["seconds_per_image"] = totals
+            md.append(peak_fractions(model, cond, n, configs, per_step, args, data))
             write_results(args.out, "HSRDiff sampling speed (partial)", "\n".join(md), data)
             print(md[-1], flush=True)
 
@@ -603,6 +618,42 @@ def run(args: argparse.Namespace) -> Path:
     return path
 
 
+def peak_fractions(model, cond, n: int, configs: dict, per_step: dict[str, float], args, data: dict) -> str:
+    """Markdown: the CPU, both matmul peaks, and each (variant, way of running)'s FLOP/s as a fraction of its
+    precision's peak (issue 17 item 4: >= 50 %). Records ``data["peaks"]``."""
+    with torch.inference_mode():
+        feats = model.encode_condition(cond)
+    x, tb = torch.randn(1, int(model.out_channels), *cond.shape[2:]), torch.full((1,), 100, dtype=torch.long)
+    flops_step = count_flops(lambda: model(x, tb, condition_features=feats))
+    peaks = {torch.float32: matmul_peak(args.matmul_size, torch.float32), torch.bfloat16: matmul_peak(args.matmul_size, torch.bfloat16)}
+    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    labels = {"a": "(a) literal Algorithm 2", "b": "(b) DDPM pipeline", "c": "(c) DDIM pipeline", "d": "(d) DPM-Solver++(2M) SDE"}
+    rows, fractions = [], {}
+    for key, label in labels.items():
+        cells = []
+        for name in configs:
+            step_key = key if key == "a" else f"{key}|{name}"
+            sec = per_step.get(step_key)
+            if sec is None or (key == "a" and name != "fp32"):
+                cells.append("-")
+                continue
+            rate = flops_step * n / sec  # (a) reruns E_c every step: counted as work it need not do, so not added
+            frac = rate / peaks[precision_of(name)]
+            fractions[step_key] = frac
+            cells.append(f"{rate / 1e9:.0f} GFLOP/s ({100 * frac:.0f} %)" + ("" if frac >= 0.5 else " < 50 %"))
+        rows.append([label, *cells])
+    data["peaks"] = {"cpu": data["machine"].get("host_cpu"), "amx_bf16": amx, "flops_per_image_step": flops_step,
+                     "matmul_fp32_flops_per_s": peaks[torch.float32], "matmul_bf16_flops_per_s": peaks[torch.bfloat16],
+                     "fraction_of_peak": fractions}  # fmt: skip
+    head = (f"CPU: {data['machine'].get('host_cpu')} (AMX bf16: {'yes' if amx else 'no'}), {args.threads} thread(s); "
+            f"matmul {args.matmul_size}x{args.matmul_size}: fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, "
+            f"bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; {flops_step / 1e9:.2f} GFLOP per image-step (E_c cached)")
+    print(head, flush=True)
+    return ("\n### Achieved FLOP/s per step against the precision's matmul peak (issue 17 item 4: >= 50 %)\n\n" + head
+            + ". Each cell: the network FLOPs of N image-steps / the measured time per step above; bf16 columns "
+            "against the bf16 peak, fp32 columns against the fp32 peak.\n\n" + markdown_table(["variant", *configs], rows))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 32x32, tiny widths, N=2, 2 timed steps, no compile")
@@ -616,7 +667,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the per-step CPU options table and the FLOPs table (after the main table)")
     p.add_argument("--chunks", type=int, nargs="*", default=[1, 2, 4], help="max_batch_size values timed as options")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run (b) and (c) with bf16 autocast and a channels-last network")
+                   help="also run (b), (c), (d) in bf16: autocast + channels-last, and bf16 weights + channels-last (compiled too with --compile)")
     p.add_argument("--alt-threads", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the baseline step with the other thread count (1 <-> 2)")
     p.add_argument("--literal-samples", type=int, default=4,
@@ -625,6 +676,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                    help="run the speed sections (--no-speed with --checkpoint: only the GED16 comparison)")
     p.add_argument("--ddim-steps", type=int, nargs=3, default=[25, 50, 100])
+    p.add_argument("--dpm-steps", type=int, nargs="+", default=[10, 25], help="(d) step counts in the time table")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="try torch.compile")
     p.add_argument("--matmul-size", type=int, default=2048)

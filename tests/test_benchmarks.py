@@ -42,8 +42,16 @@ def test_sampling_quick(tmp_path):
     assert 0 < bf16["max_abs_diff"] < 0.5 and bf16["mask_agreement"] > 0.9
     names = list(data["seconds_per_image"])
     assert names[0].startswith("(a)") and names[1].startswith("(b)") and sum(n.startswith("(c)") for n in names) == 3
-    assert sum(n.startswith("(d) DPM-Solver++(2M) SDE") for n in names) == 3
-    assert set(data["seconds_per_image"][names[1]]) == {"fp32", "bf16 + channels-last"}
+    assert sum(n.startswith("(d) DPM-Solver++(2M) SDE") for n in names) == 2  # --dpm-steps 10 25
+    assert set(data["seconds_per_image"][names[1]]) == {"fp32", "bf16 + channels-last", "bf16 weights + channels-last"}
+    # issue 17.4: each way of running against its own precision's matmul peak, from the per-step times
+    peaks = data["peaks"]
+    assert peaks["cpu"] == data["machine"]["host_cpu"] and peaks["matmul_bf16_flops_per_s"] > 0
+    for key, frac in peaks["fraction_of_peak"].items():
+        peak = peaks["matmul_bf16_flops_per_s" if key.split("|")[-1].startswith("bf16") else "matmul_fp32_flops_per_s"]
+        expected = peaks["flops_per_image_step"] * 2 / data["per_step_seconds"][key] / peak  # N=2
+        assert math.isclose(frac, expected, rel_tol=1e-9), key
+    assert "a" in peaks["fraction_of_peak"] and "d|bf16 weights + channels-last" in peaks["fraction_of_peak"]
     cells = [v for row in data["seconds_per_image"].values() for v in row.values()]
     assert all(math.isfinite(v) for v in cells)
     # on a loaded machine a short call can time no slower than E_c alone: the script must say so
@@ -52,7 +60,7 @@ def test_sampling_quick(tmp_path):
                    "explicit attention (use_flash_attention=False)"):  # fmt: skip
         assert option in data["options_seconds_per_step"]
     assert data["flops"]["per_image_step"] > data["flops"]["condition_encoder"] > 0
-    for heading in ("### Time per image", "### One denoising step", "### FLOPs"):
+    for heading in ("### Time per image", "### Achieved FLOP/s per step", "### One denoising step", "### FLOPs"):
         assert heading in md
     assert "speed-up against (a)" in md and "| fp32 | bf16 + channels-last |" in md
 
