@@ -111,10 +111,11 @@ def infer(
         refuse_nifti_inputs(inputs)
     if out is not None and not cohort:  # refused again, with the leftovers of killed writes removed, when the case is written
         check_output_folder(out, overwrite, inputs)
-    if cohort:  # the case list itself is read (and refused) before MONAI loads
-        from monai_hsrdiff.inference.cohort import cases_under_root, read_case_list
+    if cohort:  # the case list itself is read (and refused) before MONAI loads, and a live run's lock on --out
+        from monai_hsrdiff.inference.cohort import cases_under_root, read_case_list, refuse_live_lock
 
         read_case_list(input_list) if input_list is not None else cases_under_root(input_root)  # type: ignore[arg-type]
+        refuse_live_lock(out) if out is not None else None
     from monai_hsrdiff.inference.inferer import run_bundle_inference
 
     keys = {

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,8 @@ from synthetic_dicom import write_ct_series  # noqa: E402
 
 from monai_hsrdiff.export.slicer import CASE_FILES, CASE_LAYOUT  # noqa: E402
 from monai_hsrdiff.inference import InferenceInputError, case_state, cases_under_root, read_case_list  # noqa: E402
+from monai_hsrdiff.inference.cohort import CohortCase, run_cohort  # noqa: E402
+from monai_hsrdiff.inference.cohort_lock import LOCK_FILE, CohortLockedError, lock_holder, take_lock  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -92,6 +97,7 @@ def test_cohort_cli_then_bundle_rerun(cohort):
     broken = next(c for c in doc["cases"] if c["id"] == "case_broken")
     assert str(cohort["bad"]) in broken["error"] and broken["mean_entropy_bits"] is None
     assert not (out / "case_broken").exists()  # a failed case writes nothing
+    assert not (out / LOCK_FILE).exists()  # released at the end, also when a case failed
     for cid in ("case_a", "case_b"):
         assert sorted(p.name for p in (out / cid).iterdir()) == sorted(CASE_FILES)  # what a single-case run writes
         row = next(c for c in doc["cases"] if c["id"] == cid)
@@ -141,8 +147,122 @@ def test_cohort_cli_then_bundle_rerun(cohort):
     x_err = next(c["error"] for c in doc2["cases"] if c["id"] == "case_x")
     assert "notes.txt" in x_err and "case_x" in x_err
     assert "case_x" in res2.stderr and "case_broken" in res2.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["case_a", "case_b", "case_x", "cohort.json"]  # no lock, no leftover
     a_row = next(c for c in doc2["cases"] if c["id"] == "case_a")
     assert a_row["mean_entropy_bits"] == next(c for c in doc["cases"] if c["id"] == "case_a")["mean_entropy_bits"]
+
+
+def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+
+
+def _wait_for(what: str, done, proc: subprocess.Popen, log: Path, timeout: float = 150.0) -> None:
+    """Poll ``done()`` until it holds; fail (showing the log) when the run ended first or after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if proc.poll() is not None:
+            pytest.fail(f"the cohort run ended (exit code {proc.returncode}) before {what}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout} s:\n{log.read_text()}")
+        time.sleep(0.02)
+
+
+def test_cohort_killed_mid_case_then_rerun(cohort, tmp_path, capsys):
+    """A real SIGKILL: the run is killed while its 2nd case samples (the 1st finished). While it runs a 2nd
+    run on the same --out stops at once (its lock: the live pid), before the model loads; the rerun takes
+    over the killed run's lock, skips the finished case untouched, redoes the killed one, runs the rest."""
+    from monai_hsrdiff.infer import main
+
+    tmp = cohort["tmp"]
+    n_long = 100  # slices of the case that is killed: the window to kill it in, on a loaded machine too
+    hu = lambda k: np.where(np.add.outer(np.arange(24), np.arange(24)) % (5 + k % 3) < 2, 150.0, -700.0)  # noqa: E731
+    write_ct_series(tmp_path / "ct_long", [(0.0, 0.0, 2.0 * k) for k in range(n_long)], hu, pixel_spacing=(1.2, 1.2))
+    csv = tmp_path / "cases.csv"
+    csv.write_text(f"id,input\ncase_a,{tmp / 'scans' / 'ct_a'}\ncase_long,{tmp_path / 'ct_long'}\ncase_c,{tmp / 'scans' / 'ct_b'}\n")
+    out = tmp_path / "out"
+    args = ["--bundle", str(REPO / "bundles" / "lidc"), "--config", str(REPO / "bundles" / "lidc" / "demo.json"), str(cohort["tiny"]),
+            "--checkpoint", str(cohort["ckpt"]), "--input-list", str(csv), "--out", str(out),
+            "--num-samples", "2", "--steps", "2", "--device", "cpu"]  # fmt: skip
+    log = tmp_path / "run1.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([PYTHON, "-m", "monai_hsrdiff.infer", *args], cwd=REPO, env=_env(tmp), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        started = "case 2/3 case_long:"
+        _wait_for("2nd slice of case_long", lambda: "[hsrdiff] slice 2/" in log.read_text().partition(started)[2], proc, log)
+        assert case_state(out / "case_a", CASE_LAYOUT) == "finished"
+        assert lock_holder(out)["pid"] == proc.pid and lock_holder(out)["host"] == socket.gethostname()
+        lock_bytes = (out / LOCK_FILE).read_bytes()
+        capsys.readouterr()
+        assert main(args) == 2  # a second run on the same folder, while the first one runs
+        second = capsys.readouterr()
+        assert f"pid {proc.pid}" in second.err and str(out) in second.err and "another cohort run" in second.err, second.err
+        assert LOADED not in second.out and (out / LOCK_FILE).read_bytes() == lock_bytes
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    first = log.read_text()
+    assert case_state(out / "case_long", CASE_LAYOUT) != "finished", f"the kill came after case_long finished:\n{first}"
+    assert f"slice {n_long}/{n_long}" not in first.partition(started)[2] and "case 3/3" not in first
+    assert (out / LOCK_FILE).read_bytes() == lock_bytes  # a SIGKILL leaves the lock: its pid is now dead
+    a_before = _files(out / "case_a")
+
+    res = _run(["-m", "monai_hsrdiff.infer", *args], tmp)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"taking over the lock of pid {proc.pid}" in res.stdout and res.stdout.count(LOADED) == 1
+    assert "case 1/3 case_a: finished earlier" in res.stdout and "case 2/3 case_long" in res.stdout
+    doc = json.loads((out / "cohort.json").read_text())
+    assert {c["id"]: c["status"] for c in doc["cases"]} == {"case_a": "skipped", "case_long": "ok", "case_c": "ok"}
+    assert all(c["error"] is None for c in doc["cases"])
+    assert _files(out / "case_a") == a_before  # the finished case: not touched (same bytes, same mtimes)
+    for cid in ("case_long", "case_c"):
+        assert sorted(p.name for p in (out / cid).iterdir()) == sorted(CASE_FILES)
+        assert case_state(out / cid, CASE_LAYOUT) == "finished"
+    region = json.loads((out / "case_long" / "summary.json").read_text())["region"]
+    assert region["index_lo"][2] == 0 and region["index_hi"][2] == n_long - 1  # redone in full
+    assert sorted(p.name for p in out.iterdir()) == ["case_a", "case_c", "case_long", "cohort.json"]  # no lock, no temporary
+
+
+def test_cohort_lock_refusals_and_takeover(tmp_path, monkeypatch):
+    """The lock alone: a live holder (this process) refused, naming the folder and pid, also by ``run_cohort``
+    before it loads the checkpoint; a dead pid's lock (an exited process) and a reused pid's taken over;
+    another host's and an unreadable lock refused and left as they are."""
+    out = tmp_path / "out"
+    held = take_lock(out, log=None)
+    record = lock_holder(out)
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname() and record["token"] == held.token
+    with pytest.raises(CohortLockedError, match=f"pid {os.getpid()} on this host") as e:
+        take_lock(out)
+    assert str(out) in str(e.value)
+    cases = [CohortCase("c1", str(tmp_path / "nowhere"))]
+    with pytest.raises(CohortLockedError, match="another cohort run"):  # the bundle path: before load_weights
+        run_cohort(cases, out, reader=None, inferer=None, writer=None, checkpoint=tmp_path / "missing.pt", log=None)
+    held.release()
+    assert not out.exists()  # the lock gone, and the folder it created (left empty) with it
+
+    done = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = int(done.stdout)
+    out.mkdir()
+    lock = out / LOCK_FILE
+    for stale in ({"pid": dead, "host": socket.gethostname()},  # exited
+                  {**record, "token": "old", "proc_start": (record["proc_start"] or 0) + 1}):  # this pid, another process's start
+        lock.write_text(json.dumps(stale))
+        said: list[str] = []
+        taken = take_lock(out, log=said.append)
+        assert len(said) == 1 and f"taking over the lock of pid {stale['pid']}" in said[0] and str(lock) in said[0]
+        assert lock_holder(out)["token"] == taken.token
+        taken.release()
+        assert not lock.exists() and out.is_dir()  # a folder it did not create stays
+        assert sorted(p.name for p in out.iterdir()) == []
+
+    monkeypatch.setattr("monai_hsrdiff.inference.cohort_lock._READ_WAIT_S", 0.0)
+    for text, problem in ((json.dumps({"pid": 1, "host": "other-node-7", "started": "t"}), "delete"), ("garbage", "not a cohort lock")):
+        lock.write_text(text)
+        with pytest.raises(CohortLockedError, match=problem) as e:
+            take_lock(out)
+        assert str(lock) in str(e.value) and lock.read_text() == text  # never deleted
 
 
 def test_case_list_columns_and_refusals(tmp_path):

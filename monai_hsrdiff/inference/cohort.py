@@ -8,6 +8,10 @@ finished cases (:func:`case_state`: the ``summary.json`` stamp of ``monai_hsrdif
 its files present) and redoes a case a killed run left half-written; a folder holding anything
 else is refused, never deleted. A failing case is reported and the others go on; ``<out>/cohort.json``
 (written atomically at the end) lists every case's status, error, seconds and mean entropy.
+While it runs, ``<out>/.cohort.lock`` (pid, host, start time; :mod:`~monai_hsrdiff.inference.cohort_lock`)
+keeps a second run off the same folder: a live holder stops it at once (before the model loads),
+the lock of a killed run (its pid gone on this host) is taken over with a message; it is removed
+when the run ends, also when it fails.
 
 The CSV (header row required; relative paths are relative to the CSV's folder)::
 
@@ -46,16 +50,20 @@ from typing import Any, Literal
 import numpy as np
 
 from monai_hsrdiff.errors import BundleError, InferenceInputError
+from monai_hsrdiff.inference.cohort_lock import LOCK_FILE, CohortLockedError, refuse_live_lock
 from monai_hsrdiff.utils.outputs import OutputLayout
 
 __all__ = [
     "CASE_COLUMNS",
     "COHORT_FILE",
+    "LOCK_FILE",
     "CohortCase",
     "CohortFailedError",
+    "CohortLockedError",
     "case_state",
     "cases_under_root",
     "read_case_list",
+    "refuse_live_lock",
     "run_cohort",
 ]
 
@@ -292,11 +300,14 @@ def run_cohort(
 
     Raises:
         InferenceInputError: ``out`` is unusable (a file; is or contains an input, the working
-            directory or the repository). BundleError: the checkpoint does not load. A case's own
-            error is not raised: it is recorded and the next case runs.
+            directory or the repository); :class:`~monai_hsrdiff.inference.cohort_lock.CohortLockedError`
+            (an ``InferenceInputError``): another live run holds ``out/.cohort.lock``, raised before the
+            checkpoint loads. BundleError: the checkpoint does not load. A case's own error is not
+            raised: it is recorded and the next case runs.
     """
     import sys
 
+    from monai_hsrdiff.inference.cohort_lock import take_lock
     from monai_hsrdiff.inference.inferer import load_weights, run_case
     from monai_hsrdiff.utils.atomic import atomic_write_text
     from monai_hsrdiff.utils.outputs import OutputFolderError, guard_output_path
@@ -310,40 +321,43 @@ def run_cohort(
         raise InferenceInputError(str(e)) from None
     if root.exists() and not root.is_dir():
         raise InferenceInputError(f"--out {out} is a file; pass a folder for the cohort (one sub-folder per case)")
-    t_start = time.perf_counter()
-    if checkpoint is not None:
-        load_weights(checkpoint, inferer, reader.task.name, say)
-    summary = None if checkpoint is None else {"checkpoint": str(checkpoint)}  # as a single-case run records it
-    rows: list[dict[str, Any]] = []
-    for n, case in enumerate(cases, start=1):
-        folder = root / case.id
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"id": case.id, "input": case.input, "output": str(folder), "status": "ok", "error": None}
-        state = case_state(folder, writer.layout)
-        if state == "finished" and not writer.overwrite:
-            row["status"] = "skipped"
-            say(f"[hsrdiff] case {n}/{len(cases)} {case.id}: finished earlier ({folder}), skipped")
-        else:
-            if state == "unfinished" and any(folder.iterdir()):
-                say(f"[hsrdiff] case {n}/{len(cases)} {case.id}: {folder} holds an unfinished case of this command: redone")
-            say(f"[hsrdiff] case {n}/{len(cases)} {case.id}: {case.input}")
-            r, w = _case_objects(case, folder, reader, writer, redo=state == "unfinished")
-            try:
-                run_case(case.input, r, inferer, w, summary=summary, log=log)
-            except (Exception, BundleError) as e:  # noqa: BLE001 - one case's failure must not stop the cohort
-                row.update(status="failed", error=_error_text(e))
-                report(f"error: case {case.id} ({case.input}): {row['error']}")
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        row["mean_entropy_bits"] = None if row["status"] == "failed" else mean_entropy(folder)
-        rows.append(row)
-    totals: dict[str, Any] = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-    ok_s = sum(r["seconds"] for r in rows if r["status"] == "ok")
-    totals.update(cases=len(rows), seconds=round(time.perf_counter() - t_start, 3),
-                  ok_cases_per_hour=round(3600.0 * totals["ok"] / ok_s, 2) if ok_s > 0 else None)  # fmt: skip
-    settings = {k: v for k, v in inferer.summary().items() if k != "kappa_trace_mean"}
-    settings.update(task=reader.task.name, num_samples=inferer.num_samples, checkpoint=None if checkpoint is None else str(checkpoint))
-    doc = {"cohort_dir": str(root), "settings": settings, "cases": rows, "totals": totals}
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / COHORT_FILE, json.dumps(doc, indent=1) + "\n")
-    say(f"[hsrdiff] cohort: {totals['ok']} ok, {totals['skipped']} skipped, {totals['failed']} failed -> {root / COHORT_FILE}")
+    lock = take_lock(root, say)  # before the model loads: a second run on this folder stops here
+    try:
+        t_start = time.perf_counter()
+        if checkpoint is not None:
+            load_weights(checkpoint, inferer, reader.task.name, say)
+        summary = None if checkpoint is None else {"checkpoint": str(checkpoint)}  # as a single-case run records it
+        rows: list[dict[str, Any]] = []
+        for n, case in enumerate(cases, start=1):
+            folder = root / case.id
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"id": case.id, "input": case.input, "output": str(folder), "status": "ok", "error": None}
+            state = case_state(folder, writer.layout)
+            if state == "finished" and not writer.overwrite:
+                row["status"] = "skipped"
+                say(f"[hsrdiff] case {n}/{len(cases)} {case.id}: finished earlier ({folder}), skipped")
+            else:
+                if state == "unfinished" and any(folder.iterdir()):
+                    say(f"[hsrdiff] case {n}/{len(cases)} {case.id}: {folder} holds an unfinished case of this command: redone")
+                say(f"[hsrdiff] case {n}/{len(cases)} {case.id}: {case.input}")
+                r, w = _case_objects(case, folder, reader, writer, redo=state == "unfinished")
+                try:
+                    run_case(case.input, r, inferer, w, summary=summary, log=log)
+                except (Exception, BundleError) as e:  # noqa: BLE001 - one case's failure must not stop the cohort
+                    row.update(status="failed", error=_error_text(e))
+                    report(f"error: case {case.id} ({case.input}): {row['error']}")
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            row["mean_entropy_bits"] = None if row["status"] == "failed" else mean_entropy(folder)
+            rows.append(row)
+        totals: dict[str, Any] = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+        ok_s = sum(r["seconds"] for r in rows if r["status"] == "ok")
+        totals.update(cases=len(rows), seconds=round(time.perf_counter() - t_start, 3),
+                      ok_cases_per_hour=round(3600.0 * totals["ok"] / ok_s, 2) if ok_s > 0 else None)  # fmt: skip
+        settings = {k: v for k, v in inferer.summary().items() if k != "kappa_trace_mean"}
+        settings.update(task=reader.task.name, num_samples=inferer.num_samples, checkpoint=None if checkpoint is None else str(checkpoint))
+        doc = {"cohort_dir": str(root), "settings": settings, "cases": rows, "totals": totals}
+        atomic_write_text(root / COHORT_FILE, json.dumps(doc, indent=1) + "\n")
+        say(f"[hsrdiff] cohort: {totals['ok']} ok, {totals['skipped']} skipped, {totals['failed']} failed -> {root / COHORT_FILE}")
+    finally:
+        lock.release()
     return doc
