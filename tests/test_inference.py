@@ -310,7 +310,7 @@ def test_cli_real_model_dicom(ct_dir, lidc_ckpt, tmp_path, capsys):
     assert slicerio.segment_names(consensus) == ["consensus"]
     np.testing.assert_array_equal(slicerio.segment_mask(consensus, consensus["segments"][0]), p >= 0.5)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_samples"] == 4 and summary["sampler"] == "ddim" and summary["num_inference_steps"] == 3
+    assert summary["num_samples"] == 4 and summary["sampler"] == "dpmpp_2m_sde" and summary["num_inference_steps"] == 3
     assert summary["checkpoint"] == str(ckpt) and len(summary["kappa_trace_mean"]) == 3
     assert summary["preprocessing"]["item_spacing_mm"] == 1.1
     assert summary["precision"] == "float32" and summary["eta"] == 1.0  # inference.json's defaults
@@ -517,14 +517,15 @@ def test_bundle_inferer_draws_the_pipelines_samples(ct_dir, tmp_path):
     source = task.read_source(str(ct_dir))
     pred = inferer(source, task.slice_preprocessing(32, 1.1), Region.from_options(source, (2, 4), None, None, "voxel"))
     assert pred.samples.shape == (2, *CT_SHAPE) and len(Recording.calls) >= 2
-    reference = HSRDiffPipeline(pipe.model, get_sampler("ddim", parser.get_parsed_content("diffusion"), eta=0.5,
+    assert parser["sampler"] == "dpmpp_2m_sde"  # the bundle's default (0.5.0)
+    reference = HSRDiffPipeline(pipe.model, get_sampler(parser["sampler"], parser.get_parsed_content("diffusion"), eta=0.5,
                                                        num_inference_steps=3))  # fmt: skip
     generator = torch.Generator().manual_seed(5)
     for condition, samples in Recording.calls:
         assert torch.equal(reference(condition, num_samples=2, generator=generator).samples, samples)
     summary = inferer.summary()
     assert {k: summary[k] for k in ("sampler", "num_inference_steps", "eta", "precision", "seed")} == {
-        "sampler": "ddim", "num_inference_steps": 3, "eta": 0.5, "precision": "float32", "seed": 5}  # fmt: skip
+        "sampler": "dpmpp_2m_sde", "num_inference_steps": 3, "eta": 0.5, "precision": "float32", "seed": 5}  # fmt: skip
     assert len(summary["kappa_trace_mean"]) == 3
     # DDPM: no step count and no eta in summary.json, whatever the bundle keys say
     parser["sampler"] = "ddpm"
