@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main command: set up .venv, build the SYNTHETIC LIDC demo data, train the
-# LIDC bundle with demo.json, evaluate it, and say where everything is. ~5 min on 2 idle CPU cores.
+# LIDC bundle with demo.json, evaluate it, and say where everything is. 5-9 min on 2 idle CPU cores (CPU-dependent).
 set -euo pipefail
 
 # "--resume True" when the run folder holds a resume checkpoint (a finished demo run then
