@@ -35,6 +35,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,7 @@ from preprocessing.common import (
     split_by_patient,
     write_datalist,
 )
+from preprocessing.parallel import ordered_map
 from preprocessing.pylidc_compat import import_pylidc
 
 __all__ = ["AIR_HU", "LAYOUT", "LidcOptions", "LidcPreparationError", "main", "nodule_items", "prepare_lidc", "prepare_patient"]
@@ -290,6 +292,9 @@ def _finished_manifest(items_dir: Path, patient: str, options: LidcOptions) -> d
 _WORKER: tuple | None = None  # (pylidc, DicomIndex, items folder, LidcOptions) of this process
 
 
+POOL_PRELOAD = ("preprocessing.pylidc_preload", "preprocessing.lidc")  # both pools' forkserver preload (index first)
+
+
 def _start_lidc_worker(index: DicomIndex, items_dir: Path, options: LidcOptions) -> None:
     """Per process: its own pylidc session (never one shared across processes) and the index."""
     global _WORKER
@@ -351,7 +356,7 @@ def prepare_lidc(
         by_patient.setdefault(scan.patient_id, []).append(scan)
     if progress:
         print(f"indexing DICOM files under {dicom_root} ...", flush=True)
-    index = DicomIndex.build(dicom_root, progress=progress)
+    index = DicomIndex.build(dicom_root, progress, partial(ordered_map, workers=workers, preload=POOL_PRELOAD))
     summary = RunSummary()
     if patients:
         unknown = [p for p in patients if p not in by_patient]
@@ -384,7 +389,7 @@ def prepare_lidc(
     manifests, failed = run_patients(
         _prepare_in_worker, selected, kept, workers, (DicomSeriesError, LidcPreparationError), on_error,
         (lambda line: print(line, flush=True)) if progress else None, lambda m: resumed, lambda p, m: f"{len(m['items'])} items",
-        initializer=_start_lidc_worker, initargs=(index, items_dir, options), preload=("preprocessing.pylidc_preload",),
+        initializer=_start_lidc_worker, initargs=(index, items_dir, options), preload=POOL_PRELOAD,
     )  # fmt: skip
     entries: list[dict[str, Any]] = []
     for patient in selected:  # the summary and the datalist in patient order, whatever the finishing order

@@ -1257,7 +1257,7 @@ _EVAL = ["run", "evaluating", "--config_file", bundle_files("lidc", "train", "ev
           "--device", "banana"],
          ["val_sampling_steps = 9999", "(num_train_timesteps = 50)", "val_num_samples = 0", "batch_size = 0",
           "image_size = 30", "multiple of 4", "device = 'banana'", "not a device"]),
-        ([*TRAIN, "--val_sampler_eta", "-1"], ["val_sampler_eta = -1", "eta must be >= 0"]),
+        ([*TRAIN, "--val_sampler_eta", "-1"], ["val_sampler_eta = -1", "eta must be a number in [0, 1]"]),
         ([*_EVAL, "--eval_sampling_steps", "0"], ["eval_sampling_steps = 0", "integer in [1, 50]"]),
         ([*_INFER, "--sampling_steps", "0", "--input", "/nonexistent/ct"], ["sampling_steps = 0", "integer in [1, 50]"]),
     ],

@@ -149,3 +149,25 @@ def test_lidc_kill_keeps_finished_patients(lidc_root, tmp_path):
     assert sum("already prepared" in line for line in run.stdout.splitlines()) >= 1
     assert sorted(os.listdir(out / "items")) == sorted((KNOWN, *OTHERS))  # the killed run's temporary folders removed
     assert (out / "datalist.json").is_file()
+
+
+def test_dicom_index_on_two_processes_equals_one(lidc_root, tmp_path):
+    """``DicomIndex.build(map_files=ordered_map(workers=2))`` reads the headers in a real pool and
+    gives the same index as one process, broken and non-DICOM files included."""
+    from functools import partial
+
+    from preprocessing.parallel import ordered_map
+
+    root = tmp_path / "dicom"
+    shutil.copytree(lidc_root, root, copy_function=os.link)
+    broken = sorted((root / KNOWN).rglob("*.dcm"))[3]
+    broken.unlink()
+    broken.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)  # DICOM magic, unparsable header
+    (root / KNOWN / "LICENSE.txt").write_text("not DICOM")
+    one = DicomIndex.build(root)
+    two = DicomIndex.build(root, map_files=partial(ordered_map, workers=2, preload=lidc.POOL_PRELOAD, min_items=1))
+    assert one.series_uids == two.series_uids and len(one.series_uids) == 3
+    assert one.by_series == two.by_series and sum(map(len, two.by_series.values())) > 64
+    assert list(one.unreadable) == list(two.unreadable) == [broken]
+    assert one.unreadable[broken] == two.unreadable[broken]
+    assert isinstance(ordered_map(len, ["ab"] * 10, workers=2), map)  # below min_items: no pool

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +136,18 @@ def _read_header(path: Path) -> DicomFileHeader | None:
     )
 
 
+def index_entry(path: Path) -> tuple[DicomFileHeader | None, str | None]:
+    """What :meth:`DicomIndex.build` keeps of one file: ``(header, None)``; ``(None, None)`` for a file
+    that is no image (not DICOM, or a DICOMDIR, the index of a CD/DVD export); ``(None, error)`` for a
+    DICOM file whose header does not parse (reported when its folder's series is requested)."""
+    if path.name.upper() == _DICOMDIR_NAME or not _looks_like_dicom(path):
+        return None, None
+    try:
+        return _read_header(path), None
+    except Exception as e:  # any parse failure makes the file unreadable, reported on use
+        return None, f"{type(e).__name__}: {e}"
+
+
 class DicomIndex:
     """Headers of every DICOM file under ``root``, grouped by SeriesInstanceUID.
 
@@ -163,8 +175,15 @@ class DicomIndex:
         self.unreadable = dict(unreadable or {})
 
     @classmethod
-    def build(cls, root: str | os.PathLike, progress: bool = False) -> DicomIndex:
+    def build(cls, root: str | os.PathLike, progress: bool = False, map_files: Callable = map) -> DicomIndex:
         """Index every file under ``root`` (recursively) by reading only its header.
+
+        Args:
+            root: the folder to index.
+            progress: show a progress bar.
+            map_files: ``map_files(fn, paths)`` returns ``fn(path)`` for every path, in order: the builtin
+                ``map`` (default), or a process pool's ordered map (``preprocessing.parallel.ordered_map``)
+                to read the headers on several cores; the index is the same either way.
 
         Raises:
             DicomSeriesError: ``root`` is not a folder.
@@ -173,21 +192,16 @@ class DicomIndex:
         if not root.is_dir():
             raise DicomSeriesError(f"DICOM root {str(root)!r} is not a folder; pass the folder of the download")
         paths = sorted(Path(d) / f for d, _, files in os.walk(root) for f in files if not f.startswith("."))
+        entries = map_files(index_entry, paths)
         if progress:
             from tqdm import tqdm
 
-            paths = tqdm(paths, desc=f"indexing DICOM headers under {root}", unit="file")
+            entries = tqdm(entries, total=len(paths), desc=f"indexing DICOM headers under {root}", unit="file")
         headers, unreadable = [], {}
-        for p in paths:
-            # a DICOMDIR (the index of a CD/DVD export) is no image: skip it by name or SOP class
-            if p.name.upper() == _DICOMDIR_NAME or not _looks_like_dicom(p):
-                continue
-            try:
-                h = _read_header(p)
-            except Exception as e:  # any parse failure makes the file unreadable, reported on use
-                unreadable[p] = f"{type(e).__name__}: {e}"
-                continue
-            if h is not None:
+        for p, (h, error) in zip(paths, entries):
+            if error is not None:
+                unreadable[p] = error
+            elif h is not None:
                 headers.append(h)
         return cls(root, headers, unreadable)
 
