@@ -121,23 +121,26 @@ def encode_once(model, condition: torch.Tensor) -> None:
         model.encode_condition(condition)
 
 
-def pipeline_configs(model, args) -> dict[str, tuple[Any, torch.dtype | None]]:
-    """How (b) and (c) run: name -> (network, autocast dtype). fp32 eager always; then what is asked for."""
-    configs: dict[str, tuple[Any, torch.dtype | None]] = {"fp32": (model, None)}
-    if args.compile:
-        # freezing: weights become constants, so inductor can pre-pack them for oneDNN (inference only)
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-        configs["fp32 + torch.compile"] = (torch.compile(model), None)
+def pipeline_configs(model, args) -> dict[str, HSRDiffPipeline]:
+    """How (b), (c) and (d) run: name -> an HSRDiffPipeline with that precision and compile setting
+    (the product's own options; its sampler is set per row). fp32 eager always; then what is asked for."""
+    configs = {"fp32": HSRDiffPipeline(model, None)}
+    if args.compile:  # inductor with freezing: weights become constants that oneDNN pre-packs (inference only)
+        configs["fp32 + torch.compile"] = HSRDiffPipeline(model, None, compile=True)
     if args.bf16:
-        configs["bf16 + channels-last"] = (copy.deepcopy(model).to(memory_format=torch.channels_last), torch.bfloat16)
-        # weights stored in bf16: autocast then has no weight to cast per call, and GroupNorm/SiLU run in bf16
-        bf16_weights = copy.deepcopy(model).to(torch.bfloat16, memory_format=torch.channels_last)
-        configs["bf16 weights + channels-last"] = (bf16_weights, torch.bfloat16)
+        # autocast casts the fp32 weights at every call; channels-last is oneDNN's preferred conv layout
+        configs["bf16 + channels-last"] = HSRDiffPipeline(copy.deepcopy(model).to(memory_format=torch.channels_last), None, "bfloat16")
+        # precision "bfloat16-true": a bf16 channels-last copy, nothing cast per call, GroupNorm/SiLU in bf16
+        configs["bf16 weights + channels-last"] = HSRDiffPipeline(model, None, "bfloat16-true")
         if args.compile:  # inductor fuses GroupNorm + SiLU + add, the memory-bound half of a bf16 step
-            configs["bf16 weights + channels-last + torch.compile"] = (torch.compile(copy.deepcopy(bf16_weights)), torch.bfloat16)
+            configs["bf16 weights + channels-last + torch.compile"] = HSRDiffPipeline(model, None, "bfloat16-true", compile=True)
     return configs
+
+
+def with_sampler(pipe: HSRDiffPipeline, sampler) -> HSRDiffPipeline:
+    """``pipe`` set to draw with ``sampler`` (one pipeline per config, so a compiled copy is compiled once)."""
+    pipe.sampler = sampler
+    return pipe
 
 
 def precision_of(config: str) -> torch.dtype:
@@ -210,10 +213,10 @@ def ged_check(args, rows: list, data: dict) -> None:
     if args.ged_reference:  # DDPM-250 of an earlier run on the same checkpoint, items and seed
         res["DDPM 250"] = json.loads(Path(args.ged_reference).read_text())["ged_check"]["results"]["DDPM 250"]
     for spec in specs:
-        name, smp, bf16 = _ged_variant(spec, process)
+        name, smp, precision = _ged_variant(spec, process)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pipe = HSRDiffPipeline(net, smp, autocast_dtype=torch.bfloat16 if bf16 else None)
+            pipe = HSRDiffPipeline(net, smp, autocast_dtype=precision)
             out = pipe(images, num_samples=16, generator=torch.Generator().manual_seed(7))
         r = score(samples_to_masks(out.samples.float()).numpy(), masks)
         r["seconds"] = time.perf_counter() - t0
@@ -230,26 +233,30 @@ def ged_check(args, rows: list, data: dict) -> None:
                          "results": res}  # fmt: skip
 
 
-def _ged_variant(spec: str, process: SelfRegulatedDiffusion) -> tuple[str, Any, bool]:
-    """``ddpm[:bf16]``, ``ddim:<steps>[:<eta>][:bf16]``, ``dpmpp_2m:<steps>[:bf16]`` or
-    ``dpmpp_2m_sde:<steps>[:<eta>][:bf16]`` -> (row name, sampler with its steps, bf16)."""
+#: precision suffixes of a --ged-variants spec -> (row-name suffix, HSRDiffPipeline precision)
+_SPEC_PRECISIONS = {"bf16": (" bf16", "bfloat16"), "bf16true": (" bf16-true", "bfloat16-true")}
+
+
+def _ged_variant(spec: str, process: SelfRegulatedDiffusion) -> tuple[str, Any, str]:
+    """``ddpm[:P]``, ``ddim:<steps>[:<eta>][:P]``, ``dpmpp_2m:<steps>[:P]`` or
+    ``dpmpp_2m_sde:<steps>[:<eta>][:P]``, P = ``bf16`` (autocast) or ``bf16true`` (bf16 weights)
+    -> (row name, sampler with its steps, the pipeline's precision name)."""
     parts = spec.split(":")
-    bf16 = parts[-1] == "bf16"
-    parts = parts[:-1] if bf16 else parts
+    suffix, precision = _SPEC_PRECISIONS.get(parts[-1], ("", "float32"))
+    parts = parts[:-1] if suffix else parts
     if parts == ["ddpm"]:
-        return f"DDPM {process.schedule.num_train_timesteps}" + (" bf16" if bf16 else ""), DDPMSampler(process), bf16
+        return f"DDPM {process.schedule.num_train_timesteps}{suffix}", DDPMSampler(process), precision
     if parts[0] == "ddim" and len(parts) in (2, 3):
         steps, eta = int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
-        name = f"DDIM {steps}" + (f" eta={eta:g}" if eta else "") + (" bf16" if bf16 else "")
-        return name, DDIMSampler(process, eta=eta, num_inference_steps=steps), bf16
+        name = f"DDIM {steps}" + (f" eta={eta:g}" if eta else "") + suffix
+        return name, DDIMSampler(process, eta=eta, num_inference_steps=steps), precision
     sde = parts[0] == "dpmpp_2m_sde"
     if (parts[0] == "dpmpp_2m" and len(parts) == 2) or (sde and len(parts) in (2, 3)):
         steps, eta = int(parts[1]), float(parts[2]) if len(parts) == 3 else 1.0  # the ODE ignores eta
-        name = f"DPM++2M{' SDE' if sde else ''} {steps}" + (f" eta={eta:g}" if sde and eta != 1.0 else "")
-        name += " bf16" if bf16 else ""
-        return name, get_sampler(parts[0], process, eta=eta, num_inference_steps=steps), bf16
-    raise SystemExit(f"--ged-variants: cannot read {spec!r}; write ddpm[:bf16], ddim:<steps>[:<eta>][:bf16], "
-                     "dpmpp_2m:<steps>[:bf16] or dpmpp_2m_sde:<steps>[:<eta>][:bf16]")
+        name = f"DPM++2M{' SDE' if sde else ''} {steps}" + (f" eta={eta:g}" if sde and eta != 1.0 else "") + suffix
+        return name, get_sampler(parts[0], process, eta=eta, num_inference_steps=steps), precision
+    raise SystemExit(f"--ged-variants: cannot read {spec!r}; write ddpm[:P], ddim:<steps>[:<eta>][:P], "
+                     "dpmpp_2m:<steps>[:P] or dpmpp_2m_sde:<steps>[:<eta>][:P] with P = bf16 or bf16true")
 
 
 #: issue 17 item 3's quality targets, checked on every row of the table (stated for 10 network calls)
@@ -345,7 +352,7 @@ def _table_md(res: dict[str, dict], order: list[str], ref_name: str) -> str:
         rows.append([name, r["nfe"], f"{g['mean']:.4f}", _fmt_ci(g, digits=4), f"{100 * g['rel']:+.1f} % [{100 * rlo:+.1f}, {100 * rhi:+.1f}]",
                      f"{h['mean']:.3f}", _fmt_ci(h), f"{m['mean']:.3f}", _fmt_ci(m), ged_t, hm_t, f"{r['seconds']:.0f}"])  # fmt: skip
     header = ["sampler", "NFE / sample", "GED16", "ΔGED16 [95 % CI]", "ΔGED16 relative [95 % CI]", "HM-IoU16",
-              "ΔHM-IoU16 [95 % CI]", "MDM16", "ΔMDM16 [95 % CI]", "GED16 within 3 %", "HM-IoU16 not below DDPM's CI",
+              "ΔHM-IoU16 [95 % CI]", "MDM16", "ΔMDM16 [95 % CI]", "GED16 within 3 %", "HM-IoU16 not below the reference's CI",
               "seconds (all seeds)"]  # fmt: skip
     return markdown_table(header, rows)
 
@@ -382,17 +389,17 @@ def ged_table(args, data: dict) -> Path:
         if (old["items"], old["seeds"], old["image_size"]) != (b, args.ged_seeds, size):
             raise SystemExit(f"--ged-reference {args.ged_reference}: items/seeds/size {old['items']}/{old['seeds']}/"
                              f"{old['image_size']} differ from this run's {b}/{args.ged_seeds}/{size}")  # fmt: skip
-        res[_ged_variant("ddpm", process)[0]] = old["results"][old["reference"]]
-    ref_name = _ged_variant("ddpm", process)[0]
+        res[_ged_variant(args.ged_baseline, process)[0]] = old["results"][old["reference"]]
+    ref_name = _ged_variant(args.ged_baseline, process)[0]
     table["reference"] = ref_name
     names = []
-    for spec in ([] if ref_name in res else ["ddpm"]) + specs:
-        name, smp, bf16 = _ged_variant(spec, process)
+    for spec in ([] if ref_name in res else [args.ged_baseline]) + specs:
+        name, smp, precision = _ged_variant(spec, process)
         per_pair: dict[str, list[float]] = {}
         seen[0], t0 = 0, time.perf_counter()
         for seed in args.ged_seeds:
             with torch.inference_mode():
-                pipe = HSRDiffPipeline(net, smp, autocast_dtype=torch.bfloat16 if bf16 else None)
+                pipe = HSRDiffPipeline(net, smp, autocast_dtype=precision)
                 out = pipe(images, num_samples=n, generator=torch.Generator().manual_seed(seed))
             for k, v in _per_item_metrics(out.samples, masks).items():
                 per_pair.setdefault(k, []).extend(v)
@@ -419,15 +426,18 @@ def _write_ged_table(args, data: dict, names: list[str], size: int, items: int, 
                 for nm in at_target]  # fmt: skip
     seeds = data["ged_table"]["seeds"]
     ckpt = args.checkpoint or "random weights, --quick"
-    md = (f"### GED16, HM-IoU16, MDM16 against DDPM-250 ({ckpt}), {items} demo test items x "
-          f"{len(seeds)} noise seeds {seeds}, {size}x{size}, N=16, fp32\n\n"
-          "Each sampler as the paired mean difference to DDPM-250 with a 95 % percentile bootstrap CI "
+    ref = data["ged_table"]["reference"]
+    md = (f"### GED16, HM-IoU16, MDM16 against {ref} ({ckpt}), {items} demo test items x "
+          f"{len(seeds)} noise seeds {seeds}, {size}x{size}, N=16\n\n"
+          f"Each sampler as the paired mean difference to {ref} with a 95 % percentile bootstrap CI "
           f"(10,000 resamples) over the {items * len(seeds)} (seed, item) pairs; every sampler starts from the "
-          "same x_T for a given seed (its first draw from the seeded generator); later noise differs by sampler. "
+          "same x_T for a given seed (its first draw from the seeded generator); later noise differs by sampler "
+          "(and is the same for one sampler in two precisions). Rows are fp32 unless named bf16 (autocast) or "
+          "bf16-true (bf16 weights). "
           "NFE / sample: network calls per sample, counted by a hook on the network's forward. Targets (issue 17 "
           "item 3, stated at 10 NFE, shown for every row): GED16 within 3 % = the upper CI bound of "
-          "GED16/GED16(DDPM) - 1 is <= +3 %; HM-IoU16 not below DDPM's CI = the sampler's mean HM-IoU16 >= the "
-          "lower 95 % bound of DDPM-250's mean HM-IoU16 (bootstrap over the same pairs).\n\n"
+          f"GED16/GED16(reference) - 1 is <= +3 %; HM-IoU16 not below the reference's CI = the row's mean HM-IoU16 >= the "
+          f"lower 95 % bound of {ref}'s mean HM-IoU16 (bootstrap over the same pairs).\n\n"
           + _table_md(res, order, data["ged_table"]["reference"])
           + (f"\n\nAt {TARGET_NFE} NFE:\n\n" + "\n".join(verdicts) if verdicts else ""))  # fmt: skip
     title = "HSRDiff few-step sampling quality" + ("" if complete else " (partial: the run is still going or was stopped)")
@@ -461,9 +471,9 @@ def run(args: argparse.Namespace) -> Path:
             sa = literal_algorithm2(model, cond, n, short, torch.Generator().manual_seed(3))
             data["identity"] = {}
             lines = []
-            for name, (net, dt) in configs.items():
+            for name, pipe in configs.items():
                 t0 = time.perf_counter()
-                sb = pipeline_samples(HSRDiffPipeline(net, DDPMSampler(short), dt), cond, n, torch.Generator().manual_seed(3))
+                sb = pipeline_samples(with_sampler(pipe, DDPMSampler(short)), cond, n, torch.Generator().manual_seed(3))
                 first_call = time.perf_counter() - t0
                 diff = float((sa - sb).abs().max())
                 agree = float(((sa > 0) == (sb > 0)).float().mean())
@@ -477,12 +487,11 @@ def run(args: argparse.Namespace) -> Path:
             gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
             na = min(args.literal_samples or n, n)  # (a) is one sample at a time: its cost is exactly linear in N
             fns = {"a": lambda: literal_algorithm2(model, cond, na, short, gen()), "ec": lambda: encode_once(model, cond)}
-            for name, (net, dt) in configs.items():
-                pipe_b, pipe_c = HSRDiffPipeline(net, DDPMSampler(short), dt), HSRDiffPipeline(net, DDIMSampler(full, num_inference_steps=k), dt)
-                pipe_d = HSRDiffPipeline(net, DPMSolverSampler(full, sde=True, num_inference_steps=k), dt)
-                fns[f"b|{name}"] = lambda p=pipe_b: pipeline_samples(p, cond, n, gen())
-                fns[f"c|{name}"] = lambda p=pipe_c: pipeline_samples(p, cond, n, gen())
-                fns[f"d|{name}"] = lambda p=pipe_d: pipeline_samples(p, cond, n, gen())
+            for name, pipe in configs.items():
+                samplers = {"b": DDPMSampler(short), "c": DDIMSampler(full, num_inference_steps=k),
+                            "d": DPMSolverSampler(full, sde=True, num_inference_steps=k)}  # fmt: skip
+                for key, smp in samplers.items():
+                    fns[f"{key}|{name}"] = lambda p=pipe, sm=smp: pipeline_samples(with_sampler(p, sm), cond, n, gen())
             med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
             # (b) and (c) run E_c once per call: time = E_c + k steps; (a) runs it inside every step
             ec = med.pop("ec")
@@ -688,8 +697,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ged-items", type=int, default=16)
     p.add_argument("--ged-bf16-ddpm", action="store_true", help="also score DDPM-250 under bf16 autocast")
     p.add_argument("--ged-variants", nargs="+", default=None,
-                   help="samplers to score instead of the default set: ddpm[:bf16], ddim:<steps>[:<eta>][:bf16], "
-                        "dpmpp_2m:<steps>[:bf16] or dpmpp_2m_sde:<steps>[:<eta>][:bf16] (eta default 1)")
+                   help="samplers to score instead of the default set: ddpm[:P], ddim:<steps>[:<eta>][:P], "
+                        "dpmpp_2m:<steps>[:P] or dpmpp_2m_sde:<steps>[:<eta>][:P] (eta default 1); P = bf16 "
+                        "(autocast) or bf16true (bf16 weights, precision bfloat16-true); fp32 without P")
+    p.add_argument("--ged-baseline", default="ddpm",
+                   help="--ged-table's reference row, a --ged-variants spec (default ddpm: DDPM-250, the paper's "
+                        "protocol); e.g. dpmpp_2m_sde:10 to compare precisions of one sampler")
     p.add_argument("--ged-reference", default=None,
                    help="JSON of an earlier run (same checkpoint, items, seed) to take DDPM 250 from instead of rerunning it")
     p.add_argument("--ged-table", action="store_true",

@@ -37,7 +37,7 @@ __all__ = ["bundle_modality", "case_name", "default_item_spacing", "infer", "mai
 # the names of monai_hsrdiff.diffusion's SAMPLERS and PRECISIONS (tests/test_inference.py checks
 # they agree), written here so that a bad --out is refused before torch and MONAI are imported
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde")
-PRECISION_NAMES = ("bfloat16", "float16", "float32")
+PRECISION_NAMES = ("bfloat16", "bfloat16-true", "float16", "float32")
 
 
 def case_name(input: str | Sequence[str] | None, input_list: str | None = None, input_root: str | None = None) -> str:  # noqa: A002
@@ -77,6 +77,7 @@ def infer(
     dicom_out: bool = False,
     input_list: str | os.PathLike | None = None,
     input_root: str | os.PathLike | None = None,
+    compile: bool = False,  # noqa: A002
 ) -> Path:
     """Run the bundle's inference on ``input`` (or a cohort); ``None`` arguments keep the config's value.
 
@@ -84,7 +85,7 @@ def infer(
     ``checkpoint`` (default ``<run_dir>/checkpoints/model.pt``), ``num_samples``, ``sampler``,
     ``steps`` -> ``sampling_steps`` (not DDPM), ``eta`` -> ``sampler_eta``, ``precision``,
     ``seed``, ``series_uid``, ``slices``, ``center``/``size``/``region_units`` -> ``region_*``,
-    ``overwrite``, ``allow_modality_mismatch``, ``dicom_out`` (or the config's). ``configs``: override files
+    ``overwrite``, ``allow_modality_mismatch``, ``dicom_out``, ``compile`` (or the config's). ``configs``: override files
     merged after ``train.json`` and ``inference.json`` (e.g. ``bundles/lidc/demo.json``).
     ``device``: ``cpu``, ``cuda``, ``cuda:N``; checked first, then the override keys and ``out``,
     all before MONAI loads. ``input_list`` (a CSV) or ``input_root`` (one case per sub-folder) instead
@@ -126,7 +127,7 @@ def infer(
         "precision": precision, "seed": seed, "device": checked_device, "series_uid": series_uid, "slices": slices,
         "region_center": center, "region_size": size, "region_units": region_units, "overwrite": bool(overwrite),
         "allow_modality_mismatch": True if allow_modality_mismatch else None, "input_modality": bundle_modality(bundle),
-        "dicom_out": True if dicom_out else None,
+        "dicom_out": True if dicom_out else None, "compile": True if compile else None,
     }  # fmt: skip
     result = run_bundle_inference(files, {k: v for k, v in keys.items() if v is not None or k == "input_modality"})
     return Path(result["cohort_dir"]) / "cohort.json" if cohort else result
@@ -150,9 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="DDIM / DPM-Solver++ steps (DDPM always runs all T)")
     p.add_argument("--eta", type=float, default=None,
                    help="noise level in [0, 1] of ddim and dpmpp_2m_sde (default from inference.json: 1.0; 0 = deterministic)")
-    p.add_argument("--precision", choices=PRECISION_NAMES, default=None,
-                   help="sampling precision (default from inference.json: float32); bfloat16 is ~1.7-1.9x faster per step on "
-                        "CPUs with bf16 units; GED16 moved by up to ~5 %% in benchmarks/README.md")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default=None, help="sampling precision (default from inference.json: "
+                   "float32); bfloat16(-true) is ~2.5-3x faster on CPUs with bf16 units, at a GED16 cost in benchmarks/README.md")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network for this run (compiles first, ~1 min)")
     p.add_argument("--series-uid", default=None, help="SeriesInstanceUID when the folder holds several series")
     p.add_argument("--allow-modality-mismatch", action="store_true",
                    help="run on a DICOM series whose Modality (0008,0060) is not the one in the bundle's metadata.json "
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               configs=a.config, num_samples=a.num_samples, sampler=a.sampler, steps=a.steps, eta=a.eta,
               precision=a.precision, series_uid=a.series_uid, slices=a.slices, center=a.center, size=a.size,
               region_units=a.units, overwrite=a.overwrite, seed=a.seed, device=a.device,
-              allow_modality_mismatch=a.allow_modality_mismatch, dicom_out=a.dicom_out)  # fmt: skip
+              allow_modality_mismatch=a.allow_modality_mismatch, dicom_out=a.dicom_out, compile=a.compile)  # fmt: skip
     except CohortFailedError as e:  # each failed case was reported on stderr
         return int(e.code)
     except BundleError as e:  # already printed by monai_hsrdiff.errors.fail

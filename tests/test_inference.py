@@ -315,18 +315,24 @@ def test_cli_real_model_dicom(ct_dir, lidc_ckpt, tmp_path, capsys):
     assert summary["preprocessing"]["item_spacing_mm"] == 1.1
     assert summary["precision"] == "float32" and summary["eta"] == 1.0  # inference.json's defaults
 
+    def run_precision(name: str) -> tuple[dict, np.ndarray]:
+        rc = main([
+            "--bundle", str(REPO / "bundles/lidc"), "--config", str(REPO / "bundles/lidc/demo.json"), str(tiny),
+            "--checkpoint", str(ckpt), "--input", str(ct_dir), "--out", str(tmp_path / name), "--num-samples", "4",
+            "--steps", "3", "--slices", "1:5", "--precision", name, "--eta", "0.5",
+        ])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err
+        seg = slicerio.read_segmentation(str(tmp_path / name / "samples.seg.nrrd"))
+        return json.loads((tmp_path / name / "summary.json").read_text()), np.stack([slicerio.segment_mask(seg, s) for s in seg["segments"]])
+
     # --precision bfloat16 --eta 0.5: bf16 autocast and less step noise, still mostly the same masks
-    rc = main([
-        "--bundle", str(REPO / "bundles/lidc"), "--config", str(REPO / "bundles/lidc/demo.json"), str(tiny),
-        "--checkpoint", str(ckpt), "--input", str(ct_dir), "--out", str(tmp_path / "bf16"), "--num-samples", "4",
-        "--steps", "3", "--slices", "1:5", "--precision", "bfloat16", "--eta", "0.5",
-    ])  # fmt: skip
-    assert rc == 0, capsys.readouterr().err
-    summary16 = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    summary16, masks16 = run_precision("bfloat16")
     assert summary16["precision"] == "bfloat16" and summary16["eta"] == 0.5
-    bf16 = slicerio.read_segmentation(str(tmp_path / "bf16" / "samples.seg.nrrd"))
-    masks16 = np.stack([slicerio.segment_mask(bf16, s) for s in bf16["segments"]])
     assert (masks16 == masks).mean() > 0.95
+    # --precision bfloat16-true: the bf16 channels-last copy of the network; recorded in summary.json
+    summary_true, masks_true = run_precision("bfloat16-true")
+    assert summary_true["precision"] == "bfloat16-true" and summary_true["compile"] is False
+    assert (masks_true == masks16).mean() > 0.95
 
 
 def test_bundle_run_inference_ms(ms_files, tmp_path, monkeypatch):
@@ -530,7 +536,15 @@ def test_bundle_inferer_draws_the_pipelines_samples(ct_dir, tmp_path):
     # DDPM: no step count and no eta in summary.json, whatever the bundle keys say
     parser["sampler"] = "ddpm"
     assert {k: v for k, v in parser.get_parsed_content("volume_inferer").summary().items() if k != "seed"} == {
-        "sampler": "ddpm", "num_inference_steps": None, "eta": None, "precision": "float32"}  # fmt: skip
+        "sampler": "ddpm", "num_inference_steps": None, "eta": None, "precision": "float32", "compile": False}  # fmt: skip
+    # the compile key (and --compile, which sets it) reaches the pipeline and summary.json
+    parser["compile"] = True
+    compiled = parser.get_parsed_content("volume_inferer", lazy=False)
+    assert compiled.pipeline.compile is True and compiled.summary()["compile"] is True
+    from monai_hsrdiff.infer import _parser
+
+    argv = ["--bundle", "b", "--input", "x"]
+    assert _parser().parse_args([*argv, "--compile"]).compile is True and _parser().parse_args(argv).compile is False
 
 
 def test_cli_choices_are_the_library_names():

@@ -8,6 +8,7 @@ per image and feeds the cached features F_h to every denoising step of every sam
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch.nn as nn
 from monai_hsrdiff.diffusion.process import ModelOutput, randn
 from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 
-__all__ = ["CPU_PIXELS_PER_CALL", "PRECISIONS", "HSRDiffPipeline", "SamplingOutput", "auto_batch_size", "resolve_autocast_dtype"]
+__all__ = ["CPU_PIXELS_PER_CALL", "PRECISIONS", "TRUE_PRECISIONS", "HSRDiffPipeline", "SamplingOutput", "auto_batch_size", "resolve_autocast_dtype"]
 
 
 class _PipelineDefault:
@@ -70,7 +71,14 @@ class HSRDiffPipeline:
             ``torch.float16`` on GPUs (names "bfloat16" / "float16" work too, as in bundle
             configs); the sampler arithmetic, x_t and the returned samples stay in the
             condition's dtype. ``None`` or "float32" (default): no autocast, the reference
-            numerics. Measured speed and GED16 cost: ``benchmarks/README.md``.
+            numerics. "bfloat16-true" (as Lightning's "bf16-true"): the network runs as a
+            channels-last copy whose weights are bf16, so nothing is cast per call and
+            GroupNorm/SiLU run in bf16 too (the fastest CPU setting); the model passed in is
+            left as it is. Measured speed and GED16 cost: ``benchmarks/README.md``.
+        compile: run the denoising steps through ``torch.compile`` (inductor with
+            ``freezing``: weights become constants that oneDNN pre-packs), on a copy of the
+            model; for inference with fixed weights. The first call compiles (tens of
+            seconds); a call after the weights changed (training) copies and compiles again.
         max_batch_size: largest number of items the network sees in one call; each step runs
             the network on chunks of this size (E_c still runs once per image). ``"auto"``
             (default): :func:`auto_batch_size` (small chunks on CPU, one chunk on GPU);
@@ -89,17 +97,44 @@ class HSRDiffPipeline:
         sampler: DDPMSampler | DDIMSampler | DPMSolverSampler,
         autocast_dtype: torch.dtype | str | None = None,
         max_batch_size: int | str | None = "auto",
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.sampler = sampler
+        self.cast_weights = isinstance(autocast_dtype, str) and autocast_dtype in TRUE_PRECISIONS
         self.autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         self.max_batch_size = _check_max_batch_size(max_batch_size)
+        if not isinstance(compile, bool):
+            raise ValueError(f"HSRDiffPipeline: compile must be true or false, got {compile!r}.")
+        self.compile = compile
+        self._runtime: tuple[tuple, nn.Module] | None = None
 
     @property
     def precision(self) -> str:
-        """The name of ``autocast_dtype``, as bundle configs give it: "float32", "bfloat16" or "float16"."""
-        names = {dtype: name for name, dtype in PRECISIONS.items()}
+        """The precision's name, as bundle configs give it: "float32", "bfloat16", "bfloat16-true" or "float16"."""
+        if self.cast_weights:
+            return next(name for name, dtype in TRUE_PRECISIONS.items() if dtype == self.autocast_dtype)
+        names = {dtype: name for name, dtype in PRECISIONS.items() if name not in TRUE_PRECISIONS}
         return names.get(self.autocast_dtype, str(self.autocast_dtype).replace("torch.", ""))
+
+    def runtime_model(self) -> nn.Module:
+        """The network the denoising steps call: ``model`` itself, or its bf16 / compiled copy.
+
+        The copy is kept while the model's parameters and buffers are the same tensors at the
+        same version (``Tensor._version`` counts in-place updates: an optimizer step, a
+        ``load_state_dict``), and made again after they change.
+        """
+        if not (self.cast_weights or self.compile):
+            return self.model
+        key = tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
+        if self._runtime is None or self._runtime[0] != key:
+            net = copy.deepcopy(self.model).eval()
+            if self.cast_weights:
+                net = net.to(self.autocast_dtype, memory_format=torch.channels_last)
+            if self.compile:
+                net = torch.compile(net, options={"freezing": True})
+            self._runtime = (key, net)
+        return self._runtime[1]
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -160,7 +195,7 @@ class HSRDiffPipeline:
             model.train(was_training)
 
     def _sample(self, condition, num_samples, num_inference_steps, chunk, generator, progress):
-        model, sampler = self.model, self.sampler
+        model, sampler = self.runtime_model(), self.sampler
         b, n = condition.shape[0], num_samples
         m = int(model.out_channels)
         spatial = tuple(condition.shape[2:])
@@ -255,12 +290,15 @@ def auto_batch_size(device: torch.device, spatial: Sequence[int], total: int) ->
     return max(1, min(total, CPU_PIXELS_PER_CALL // max(1, math.prod(int(v) for v in spatial))))
 
 
+#: Precisions whose network runs with its weights in that dtype (a channels-last copy), not cast per call.
+TRUE_PRECISIONS = {"bfloat16-true": torch.bfloat16}
 #: Names accepted for ``autocast_dtype`` (bundle configs and command lines give strings).
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, **TRUE_PRECISIONS}
 
 
 def resolve_autocast_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """``None`` / "float32" -> None (no autocast); "bfloat16" / "float16" or a floating dtype -> that dtype."""
+    """``None`` / "float32" -> None (no autocast); "bfloat16" / "float16" / "bfloat16-true" or a
+    floating dtype -> that dtype."""
     if value is None or isinstance(value, torch.dtype) and value == torch.float32:
         return None
     if isinstance(value, str) and value in PRECISIONS:

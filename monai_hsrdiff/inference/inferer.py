@@ -182,10 +182,11 @@ class VolumeInferer:
 
     def summary(self) -> dict[str, Any]:
         """The sampling fields of ``summary.json``: sampler, num_inference_steps and eta (``None``
-        where the sampler has none), precision, seed, and the κ trace of the last call."""
-        settings = {"sampler": None, "num_inference_steps": None, "eta": None, "precision": "float32"}
+        where the sampler has none), precision, compile, seed, and the κ trace of the last call."""
+        settings = {"sampler": None, "num_inference_steps": None, "eta": None, "precision": "float32", "compile": False}
         if self.pipeline is not None:
-            settings = {**self.pipeline.sampler.settings, "precision": self.pipeline.precision}
+            settings = {**self.pipeline.sampler.settings, "precision": self.pipeline.precision,
+                        "compile": bool(getattr(self.pipeline, "compile", False))}  # fmt: skip
         doc: dict[str, Any] = {**settings, "seed": self.seed}
         if self.kappa_trace:
             doc["kappa_trace_mean"] = np.mean(np.asarray(self.kappa_trace), axis=0).round(4).tolist()
