@@ -266,13 +266,17 @@ def test_pipeline_sde_reproducible_and_not_the_ode(process):
 
 
 def test_benchmark_reads_the_solver_specs(process):
-    """benchmarks/sampling.py --ged-variants: dpmpp_2m:<steps>[:bf16], dpmpp_2m_sde:<steps>[:<eta>][:bf16]."""
+    """benchmarks/sampling.py --ged-variants: <sampler>:<steps>[:<eta>][:P], P = bf16 (autocast) or bf16true (bf16 weights)."""
     from benchmarks.sampling import _ged_variant
 
-    name, smp, bf16 = _ged_variant("dpmpp_2m_sde:10:0.5:bf16", process)
-    assert name == "DPM++2M SDE 10 eta=0.5 bf16" and bf16 and smp.settings["eta"] == 0.5 and smp.num_inference_steps == 10
-    name, smp, bf16 = _ged_variant("dpmpp_2m:5", process)
-    assert name == "DPM++2M 5" and not bf16 and smp.settings == {"sampler": "dpmpp_2m", "num_inference_steps": 5, "eta": None}
+    name, smp, precision = _ged_variant("dpmpp_2m_sde:10:0.5:bf16", process)
+    assert name == "DPM++2M SDE 10 eta=0.5 bf16" and precision == "bfloat16"
+    assert smp.settings["eta"] == 0.5 and smp.num_inference_steps == 10
+    name, smp, precision = _ged_variant("dpmpp_2m_sde:10:bf16true", process)
+    assert name == "DPM++2M SDE 10 bf16-true" and precision == "bfloat16-true" and smp.settings["eta"] == 1.0
+    name, smp, precision = _ged_variant("dpmpp_2m:5", process)
+    assert name == "DPM++2M 5" and precision == "float32"
+    assert smp.settings == {"sampler": "dpmpp_2m", "num_inference_steps": 5, "eta": None}
     with pytest.raises(SystemExit, match="cannot read 'dpmpp_2m:5:0.5'"):
         _ged_variant("dpmpp_2m:5:0.5", process)  # the ODE has no eta
 
