@@ -204,3 +204,16 @@ def test_datalist_check_quick(tmp_path):
     data = _run("datalist_check", tmp_path)["data"]
     assert data["num_items"] == 200 and data["items_per_s"] > 0 and math.isfinite(data["s_per_10k_items"])
     assert 0 < data["cpu_s_per_10k_items"] and data["budget_s_per_10k_items"] == 2.0
+
+
+def test_compiled_layouts_quick(tmp_path):
+    """benchmarks/compiled_layouts.py: every (layout, items per call) variant, each against the
+    fp32 matmul peak timed in the same rounds, and the same work per variant."""
+    r = _run("compiled_layouts", tmp_path, "--no-compile", "--batch", "1", "2", "--rounds", "2", "--threads", "1")
+    data = r["data"]
+    names = set(data["fraction_of_peak"])
+    assert names == {f"eager, {lay}, {b} per call" for lay in ("contiguous", "channels-last") for b in (1, 2)}
+    for name, frac in data["fraction_of_peak"].items():
+        rate = data["flops_per_image_step"] / data["seconds_per_image_step"][name]
+        assert math.isclose(frac, rate / data["matmul_fp32_flops_per_s"], rel_tol=1e-9) and 0 < frac < 2
+    assert "of the fp32 matmul" in r["md"] and "interleaved rounds" in r["md"]

@@ -79,6 +79,12 @@ def test_compile_matches_eager_fp32(net):
     compiled = _draw(pipe, cond)
     run = pipe.runtime_model()
     assert isinstance(run, torch._dynamo.eval_frame.OptimizedModule)
+    def wide_conv(module):  # a 1-channel kernel is contiguous in both layouts
+        return next(m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+
+    assert wide_conv(run._orig_mod).dtype == torch.float32  # compiled as a channels-last copy ...
+    assert wide_conv(run._orig_mod).is_contiguous(memory_format=torch.channels_last)
+    assert not wide_conv(net).is_contiguous(memory_format=torch.channels_last)  # ... the caller's model untouched
     torch.testing.assert_close(compiled.samples, eager.samples, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.kappa, eager.kappa, rtol=1e-4, atol=1e-5)
     assert pipe.runtime_model() is run  # fixed weights: no second compile
