@@ -28,11 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import LIGHT_DEMO_NET, RESULTS_DIR, interleaved_medians, markdown_table, write_results  # noqa: E402
-from benchmarks.sampling import count_flops  # noqa: E402
+from benchmarks.sampling import count_flops, matmul_round  # noqa: E402
 from monai_hsrdiff.networks import get_preset  # noqa: E402
 
 MATMUL = 2048
-MATMULS_PER_ROUND = 5
 
 
 def _runner(net, feats, batch: int, items: int, size: int, channels_last: bool, bf16: bool):
@@ -77,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     flops = count_flops(lambda: model(*one, condition_features=feats))
     bf16 = a.precision == "bfloat16-true"
     dtype, label = (torch.bfloat16, "bf16") if bf16 else (torch.float32, "fp32")
-    mats = torch.randn(MATMUL, MATMUL, dtype=dtype), torch.randn(MATMUL, MATMUL, dtype=dtype)
-    fns = {"matmul": lambda: [mats[0] @ mats[1] for _ in range(MATMULS_PER_ROUND)]}
+    matmul, matmul_flops = matmul_round(MATMUL, dtype)
+    fns = {"matmul": matmul}
     first: dict[str, float] = {}
     for channels_last in (True,) if bf16 else (False, True):
         eager = copy.deepcopy(model)
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 first[name] = time.perf_counter() - t0
                 print(f"{name}: first run {first[name]:.1f} s", flush=True)
     med = interleaved_medians(fns, repeats=a.rounds, warmup=0)
-    peak = MATMULS_PER_ROUND * 2 * MATMUL**3 / med.pop("matmul")
+    peak = matmul_flops / med.pop("matmul")
     rows, data = [], {"settings": vars(a), "flops_per_image_step": flops, f"matmul_{label}_flops_per_s": peak,
                       "seconds_per_image_step": {}, "fraction_of_peak": {}, "first_run_seconds": first}  # fmt: skip
     for name, sec in med.items():

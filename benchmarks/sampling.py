@@ -53,7 +53,6 @@ import argparse
 import contextlib
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -153,16 +152,21 @@ PEAK_DTYPES = (torch.float32, torch.bfloat16)
 MATMULS_PER_ROUND = 5
 
 
-def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
-    """FLOP/s of an n×n @ n×n product (median of repeats)."""
+def matmul_round(n: int, dtype: torch.dtype, products: int = MATMULS_PER_ROUND) -> tuple[Any, float]:
+    """A callable doing ``products`` n×n @ n×n products (one entry of :func:`interleaved_medians`), and its FLOPs."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(ts)
+
+    def run() -> None:
+        for _ in range(products):
+            a @ b
+
+    return run, products * 2.0 * n**3
+
+
+def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """FLOP/s of an n×n @ n×n product (median of repeats, after one untimed product)."""
+    run, flops = matmul_round(n, dtype, products=1)
+    return flops / interleaved_medians({"matmul": run}, repeats=repeats, warmup=1)["matmul"]
 
 
 def count_flops(fn) -> int:
@@ -498,11 +502,10 @@ def run(args: argparse.Namespace) -> Path:
                 for key, smp in samplers.items():
                     fns[f"{key}|{name}"] = lambda p=pipe, sm=smp: pipeline_samples(with_sampler(p, sm), cond, n, gen())
             # the matmul peaks in the same rounds: this machine's speed drifts between minutes
-            mats = {dt: tuple(torch.randn(args.matmul_size, args.matmul_size, dtype=dt) for _ in "ab") for dt in PEAK_DTYPES}
-            for dt, (a_, b_) in mats.items():
-                fns[f"peak|{dt}"] = lambda a_=a_, b_=b_: [a_ @ b_ for _ in range(MATMULS_PER_ROUND)]
+            matmuls = {dt: matmul_round(args.matmul_size, dt) for dt in PEAK_DTYPES}
+            fns.update({f"peak|{dt}": run for dt, (run, _) in matmuls.items()})
             med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
-            peaks = {dt: MATMULS_PER_ROUND * 2 * args.matmul_size**3 / med.pop(f"peak|{dt}") for dt in PEAK_DTYPES}
+            peaks = {dt: flops / med.pop(f"peak|{dt}") for dt, (_, flops) in matmuls.items()}
             # (b) and (c) run E_c once per call: time = E_c + k steps; (a) runs it inside every step
             ec = med.pop("ec")
             per_step = {key: (v if key == "a" else v - ec) / k for key, v in med.items()}

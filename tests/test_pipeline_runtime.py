@@ -79,6 +79,7 @@ def test_compile_matches_eager_fp32(net):
     compiled = _draw(pipe, cond)
     run = pipe.runtime_model()
     assert isinstance(run, torch._dynamo.eval_frame.OptimizedModule)
+
     def wide_conv(module):  # a 1-channel kernel is contiguous in both layouts
         return next(m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
 
