@@ -375,6 +375,8 @@ def ged_table(args, data: dict) -> Path:
     """
     from benchmarks.quality import load_eval_items
 
+    if args.ged_merge:
+        return merge_ged_tables(args, data)
     if args.checkpoint:
         net, size, datalist, process = load_trained(args)
     elif args.quick:
@@ -426,6 +428,45 @@ def ged_table(args, data: dict) -> Path:
     return _write_ged_table(args, data, names, size, b, complete=True)
 
 
+#: what every --ged-merge part must share (the rows are checked separately)
+_MERGE_KEYS = ("checkpoint", "bundle_config", "datalist", "items", "image_size", "num_samples", "reference")
+
+
+def merge_ged_tables(args, data: dict) -> Path:
+    """``--ged-merge``: one table from complete ``--ged-table`` runs over disjoint seeds of the same
+    checkpoint, items and rows (one process per seed uses both cores of a 2-core machine; a
+    pipeline call's noise depends only on its seed, so the pairs are those of one joint run)."""
+    parts = []
+    for path in args.ged_merge:
+        try:
+            parts.append(json.loads(Path(path).read_text())["ged_table"])
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--ged-merge {path}: not a --ged-table result ({type(e).__name__}: {e})") from None
+    first = parts[0]
+    for path, part in zip(args.ged_merge, parts):
+        if part.get("status") != "complete":
+            raise SystemExit(f"--ged-merge {path}: that run is {part.get('status')!r}; merge complete runs only")
+        diff = [k for k in _MERGE_KEYS if part.get(k) != first.get(k)]
+        if diff or list(part["results"]) != list(first["results"]):
+            what = ", ".join(diff) or "sampler rows"
+            raise SystemExit(f"--ged-merge {path}: {what} differ(s) from {args.ged_merge[0]}; merge runs of one table")
+    seeds = [s for part in parts for s in part["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--ged-merge: the parts repeat a seed ({seeds}); each (seed, item) pair must come once")
+    ref = first["reference"]
+    res: dict[str, dict] = {}
+    for name, row in first["results"].items():
+        rows = [part["results"][name] for part in parts]
+        res[name] = {"spec": row["spec"], "nfe": row["nfe"], "seconds": sum(r["seconds"] for r in rows),
+                     "per_pair": {k: [v for r in rows for v in r["per_pair"][k]] for k in row["per_pair"]}}  # fmt: skip
+    names = [name for name in res if name != ref]
+    for name in names:
+        res[name]["stats"] = _row_stats(res[name]["per_pair"], res[ref]["per_pair"], len(seeds))
+    data["ged_table"] = {**{k: first[k] for k in (*_MERGE_KEYS, "pairs")}, "seeds": seeds, "results": res,
+                         "merged_from": [{"file": str(p), "seeds": part["seeds"]} for p, part in zip(args.ged_merge, parts)]}  # fmt: skip
+    return _write_ged_table(args, data, names, first["image_size"], first["items"], complete=True)
+
+
 def _write_ged_table(args, data: dict, names: list[str], size: int, items: int, complete: bool) -> Path:
     res = data["ged_table"]["results"]
     order = sorted(names, key=lambda nm: (res[nm]["nfe"], names.index(nm)))
@@ -434,9 +475,13 @@ def _write_ged_table(args, data: dict, names: list[str], size: int, items: int, 
                 f"HM-IoU16 {'holds' if res[nm]['stats']['targets']['hm_iou_16_not_below_ddpm_ci'] else 'misses'}"
                 for nm in at_target]  # fmt: skip
     seeds = data["ged_table"]["seeds"]
-    ckpt = args.checkpoint or "random weights, --quick"
+    ckpt = data["ged_table"]["checkpoint"]
+    ckpt = "random weights, --quick" if ckpt in (None, "None") else ckpt
     ref = data["ged_table"]["reference"]
-    md = (f"### GED16, HM-IoU16, MDM16 against {ref} ({ckpt}), {items} demo test items x "
+    merged = data["ged_table"].get("merged_from")
+    parts = (f"Merged from {len(merged)} runs over disjoint seeds (one process each; seconds are summed over them): "
+             + "; ".join(f"`{m['file']}` (seeds {m['seeds']})" for m in merged) + ".\n\n") if merged else ""  # fmt: skip
+    md = (parts + f"### GED16, HM-IoU16, MDM16 against {ref} ({ckpt}), {items} demo test items x "
           f"{len(seeds)} noise seeds {seeds}, {size}x{size}, N=16\n\n"
           f"Each sampler as the paired mean difference to {ref} with a 95 % percentile bootstrap CI "
           f"(10,000 resamples) over the {items * len(seeds)} (seed, item) pairs; every sampler starts from the "
@@ -725,14 +770,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ged-steps", type=int, nargs="+", default=[5, 10, 15, 25], help="step counts of the --ged-table rows")
     p.add_argument("--ged-seeds", type=int, nargs="+", default=[7, 8],
                    help="sampling-noise seeds of --ged-table (the same for every sampler)")
+    p.add_argument("--ged-merge", nargs="+", default=None, metavar="PART.json",
+                   help="with --ged-table: write one table from complete --ged-table runs over disjoint --ged-seeds "
+                        "(same checkpoint, items, rows), e.g. one process per seed; samples nothing")
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--out", default=None, help="result stem (default benchmarks/results/sampling_<size>)")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.num_samples, args.timed_steps, args.repeats, args.warmup = 16, 2, 2, 1, 0
         args.compile, args.matmul_size = False, 256
-        if args.ged_table:  # 2 items x 2 seeds, one 2-step row per sampler
-            args.ged_items, args.ged_steps, args.ged_seeds = 2, [2], [7, 8]
+        if args.ged_table:  # 2 items, one 2-step row per sampler
+            args.ged_items, args.ged_steps = 2, [2]  # the seeds as given (default 7, 8)
+    if args.ged_merge and not args.ged_table:
+        p.error("--ged-merge merges --ged-table runs: add --ged-table")
     if args.timed_steps < 2:
         p.error(f"--timed-steps must be >= 2 (a DDPM schedule needs T >= 2), got {args.timed_steps}")
     default = "sampling_quality" if args.ged_table else f"sampling_{args.size}"

@@ -66,7 +66,8 @@ def test_sampling_quick(tmp_path):
 
 
 def test_sampling_ged_table_quick(tmp_path):
-    """Issue 17's quality table: counted network calls, paired CIs recomputable from the per-pair scores."""
+    """Issue 17's quality table: counted network calls, paired CIs recomputable from the per-pair scores; one run
+    per seed merged by --ged-merge gives the same table."""
     from benchmarks.common import paired_bootstrap_ci
 
     # one thread: two on a 2-core machine busy with other jobs made this 20x slower
@@ -95,6 +96,30 @@ def test_sampling_ged_table_quick(tmp_path):
     for k, v in res["DDIM 2 eta=1"]["per_pair"].items():
         assert res["DPM++2M SDE 2"]["per_pair"][k] == pytest.approx(v, abs=1e-6)
     assert "| DDPM 10 (reference) | 10 |" in r["md"] and "GED16 within 3 %" in r["md"]
+    _check_merge_equals_one_run(tmp_path, str(tmp_path / "data"), table)
+
+
+def _check_merge_equals_one_run(tmp_path: Path, data: str, joint: dict) -> None:
+    """--ged-merge of one run per seed gives the joint run's pairs and statistics (and refuses overlaps)."""
+    parts = []
+    for seed in ("7", "8"):
+        _run("sampling", tmp_path / seed, "--ged-table", "--threads", "1", "--ged-data", data, "--ged-seeds", seed)
+        parts.append(str(tmp_path / seed / "sampling.json"))
+    merged = _run("sampling", tmp_path / "merged", "--ged-table", "--ged-merge", *parts)
+    table = merged["data"]["ged_table"]
+    assert table["seeds"] == [7, 8] and table["status"] == "complete" and list(table["results"]) == list(joint["results"])
+    for name, row in joint["results"].items():
+        got = table["results"][name]
+        for k, v in row["per_pair"].items():
+            assert got["per_pair"][k] == pytest.approx(v, abs=1e-6), (name, k)
+        if "stats" in row:
+            assert got["stats"]["targets"] == row["stats"]["targets"]
+            assert got["stats"]["ged_16"]["rel_ci95"] == pytest.approx(row["stats"]["ged_16"]["rel_ci95"], abs=1e-6)
+    assert "Merged from 2 runs" in merged["md"] and "(seeds [8])" in merged["md"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--ged-table", "--out", str(tmp_path / "bad"),
+           "--ged-merge", parts[0], parts[0]]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "repeat a seed" in res.stderr and not (tmp_path / "bad.json").exists()
 
 
 @pytest.mark.slow
