@@ -395,14 +395,15 @@ def ged_table(args, data: dict) -> Path:
     table = data["ged_table"] = {"checkpoint": str(args.checkpoint), "bundle_config": args.bundle_config,
                                  "datalist": str(datalist), "items": b, "image_size": size, "num_samples": n,
                                  "seeds": args.ged_seeds, "pairs": "(seed, item), seed-major", "results": res}  # fmt: skip
-    if args.ged_reference:  # DDPM-250 of an earlier --ged-table run on the same checkpoint, items and seeds
-        old = json.loads(Path(args.ged_reference).read_text())["ged_table"]
-        if (old["items"], old["seeds"], old["image_size"]) != (b, args.ged_seeds, size):
-            raise SystemExit(f"--ged-reference {args.ged_reference}: items/seeds/size {old['items']}/{old['seeds']}/"
-                             f"{old['image_size']} differ from this run's {b}/{args.ged_seeds}/{size}")  # fmt: skip
-        res[_ged_variant(args.ged_baseline, process)[0]] = old["results"][old["reference"]]
-    ref_name = _ged_variant(args.ged_baseline, process)[0]
-    table["reference"] = ref_name
+    ref_name = table["reference"] = _ged_variant(args.ged_baseline, process)[0]
+    if args.ged_reference:  # the reference row of an earlier --ged-table run of the same table (saves DDPM-250)
+        old = _read_ged_table(args.ged_reference, "--ged-reference")
+        diff = [k for k in (*_MERGE_KEYS, "seeds") if old.get(k) != table.get(k)]
+        if diff or ref_name not in old["results"]:
+            raise SystemExit(f"--ged-reference {args.ged_reference}: "
+                             + (f"{', '.join(f'{k} {old.get(k)!r}' for k in diff)} differ(s) from this run's "
+                                f"{', '.join(repr(table.get(k)) for k in diff)}" if diff else f"has no {ref_name!r} row"))  # fmt: skip
+        res[ref_name] = old["results"][ref_name]
     names = []
     for spec in ([] if ref_name in res else [args.ged_baseline]) + specs:
         name, smp, precision = _ged_variant(spec, process)
@@ -432,16 +433,18 @@ def ged_table(args, data: dict) -> Path:
 _MERGE_KEYS = ("checkpoint", "bundle_config", "datalist", "items", "image_size", "num_samples", "reference")
 
 
+def _read_ged_table(path: str, flag: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())["ged_table"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{flag} {path}: not a --ged-table result ({type(e).__name__}: {e})") from None
+
+
 def merge_ged_tables(args, data: dict) -> Path:
     """``--ged-merge``: one table from complete ``--ged-table`` runs over disjoint seeds of the same
     checkpoint, items and rows (one process per seed uses both cores of a 2-core machine; a
     pipeline call's noise depends only on its seed, so the pairs are those of one joint run)."""
-    parts = []
-    for path in args.ged_merge:
-        try:
-            parts.append(json.loads(Path(path).read_text())["ged_table"])
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"--ged-merge {path}: not a --ged-table result ({type(e).__name__}: {e})") from None
+    parts = [_read_ged_table(path, "--ged-merge") for path in args.ged_merge]
     first = parts[0]
     for path, part in zip(args.ged_merge, parts):
         if part.get("status") != "complete":
@@ -763,7 +766,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--ged-table's reference row, a --ged-variants spec (default ddpm: DDPM-250, the paper's "
                         "protocol); e.g. dpmpp_2m_sde:10 to compare precisions of one sampler")
     p.add_argument("--ged-reference", default=None,
-                   help="JSON of an earlier run (same checkpoint, items, seed) to take DDPM 250 from instead of rerunning it")
+                   help="JSON of an earlier run (same checkpoint, items, seed) to take DDPM 250 from instead of rerunning it; "
+                        "with --ged-table, an earlier --ged-table run of the same checkpoint, configs, datalist, items, "
+                        "seeds and reference (checked), whose reference row this run reuses")
     p.add_argument("--ged-table", action="store_true",
                    help="only the quality table of issue 17: DDIM eta=1, dpmpp_2m, dpmpp_2m_sde at --ged-steps against "
                         "DDPM-250 over --ged-items x --ged-seeds, paired bootstrap CIs (--ged-variants replaces the rows)")

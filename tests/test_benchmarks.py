@@ -97,6 +97,24 @@ def test_sampling_ged_table_quick(tmp_path):
         assert res["DPM++2M SDE 2"]["per_pair"][k] == pytest.approx(v, abs=1e-6)
     assert "| DDPM 10 (reference) | 10 |" in r["md"] and "GED16 within 3 %" in r["md"]
     _check_merge_equals_one_run(tmp_path, str(tmp_path / "data"), table)
+    _check_reference_reuse(tmp_path, str(tmp_path / "data"), str(tmp_path / "sampling.json"), table)
+
+
+def _check_reference_reuse(tmp_path: Path, data: str, joint_json: str, joint: dict) -> None:
+    """--ged-reference takes the reference row of an earlier run of the same table, and refuses any other."""
+    again = _run("sampling", tmp_path / "again", "--ged-table", "--threads", "1", "--ged-data", data,
+                 "--ged-reference", joint_json, "--ged-variants", "ddim:2:1")["data"]["ged_table"]  # fmt: skip
+    assert list(again["results"]) == ["DDPM 10", "DDIM 2 eta=1"]
+    assert again["results"]["DDPM 10"] == joint["results"]["DDPM 10"]
+    for k, v in joint["results"]["DDIM 2 eta=1"]["per_pair"].items():
+        assert again["results"]["DDIM 2 eta=1"]["per_pair"][k] == pytest.approx(v, abs=1e-6)
+    for extra, why in ((["--ged-seeds", "7"], "seeds [7, 8] differ(s) from this run's [7]"),
+                       (["--ged-baseline", "ddim:2:1"], "reference 'DDPM 10' differ(s)")):  # fmt: skip
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--quick", "--ged-table", "--threads", "1",
+               "--ged-data", data, "--ged-reference", joint_json, "--out", str(tmp_path / "bad_ref"), *extra]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert res.returncode != 0 and why in res.stderr, res.stderr[-2000:]
+        assert not (tmp_path / "bad_ref.json").exists()
 
 
 def _check_merge_equals_one_run(tmp_path: Path, data: str, joint: dict) -> None:
