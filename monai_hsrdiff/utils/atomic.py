@@ -24,7 +24,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
     On any exception the temporary file is removed and ``path`` is left untouched.
     ``suffix`` defaults to the target's suffix, so writers that pick a format from the
-    extension (NumPy, SimpleITK, nibabel) still see the right one.
+    extension (NumPy, SimpleITK, nibabel) still see the right one. The file gets the mode of the
+    file it replaces, or, when there was none, that of a plain ``open(path, "w")`` (0o666 less
+    the umask): ``mkstemp`` creates 0o600, which would hide results from a shared folder's group.
 
     Example::
 
@@ -39,6 +41,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
