@@ -398,11 +398,12 @@ def ged_table(args, data: dict) -> Path:
     ref_name = table["reference"] = _ged_variant(args.ged_baseline, process)[0]
     if args.ged_reference:  # the reference row of an earlier --ged-table run of the same table (saves DDPM-250)
         old = _read_ged_table(args.ged_reference, "--ged-reference")
-        diff = [k for k in (*_MERGE_KEYS, "seeds") if old.get(k) != table.get(k)]
-        if diff or ref_name not in old["results"]:
-            raise SystemExit(f"--ged-reference {args.ged_reference}: "
-                             + (f"{', '.join(f'{k} {old.get(k)!r}' for k in diff)} differ(s) from this run's "
-                                f"{', '.join(repr(table.get(k)) for k in diff)}" if diff else f"has no {ref_name!r} row"))  # fmt: skip
+        diff = [k for k in (*_MERGE_KEYS, "seeds") if old.get(k) != table[k]]
+        if diff:
+            raise SystemExit(f"--ged-reference {args.ged_reference}: " + ", ".join(f"{k} {old.get(k)!r}" for k in diff)
+                             + " differ(s) from this run's " + ", ".join(repr(table[k]) for k in diff))  # fmt: skip
+        if ref_name not in old["results"]:
+            raise SystemExit(f"--ged-reference {args.ged_reference}: has no {ref_name!r} row")
         res[ref_name] = old["results"][ref_name]
     names = []
     for spec in ([] if ref_name in res else [args.ged_baseline]) + specs:

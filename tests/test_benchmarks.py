@@ -110,11 +110,17 @@ def _check_reference_reuse(tmp_path: Path, data: str, joint_json: str, joint: di
         assert again["results"]["DDIM 2 eta=1"]["per_pair"][k] == pytest.approx(v, abs=1e-6)
     for extra, why in ((["--ged-seeds", "7"], "seeds [7, 8] differ(s) from this run's [7]"),
                        (["--ged-baseline", "ddim:2:1"], "reference 'DDPM 10' differ(s)")):  # fmt: skip
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--quick", "--ged-table", "--threads", "1",
-               "--ged-data", data, "--ged-reference", joint_json, "--out", str(tmp_path / "bad_ref"), *extra]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert res.returncode != 0 and why in res.stderr, res.stderr[-2000:]
-        assert not (tmp_path / "bad_ref.json").exists()
+        err = _refused_sampling(tmp_path / "bad_ref", "--quick", "--ged-table", "--threads", "1", "--ged-data", data,
+                                "--ged-reference", joint_json, *extra)  # fmt: skip
+        assert why in err, err[-2000:]
+
+
+def _refused_sampling(out: Path, *args: str) -> str:
+    """Run benchmarks/sampling.py --out ``out`` with ``args``; assert it fails and writes nothing; its stderr."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--out", str(out), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and not out.with_suffix(".json").exists() and not out.with_suffix(".md").exists()
+    return res.stderr
 
 
 def _check_merge_equals_one_run(tmp_path: Path, data: str, joint: dict) -> None:
@@ -134,10 +140,7 @@ def _check_merge_equals_one_run(tmp_path: Path, data: str, joint: dict) -> None:
             assert got["stats"]["targets"] == row["stats"]["targets"]
             assert got["stats"]["ged_16"]["rel_ci95"] == pytest.approx(row["stats"]["ged_16"]["rel_ci95"], abs=1e-6)
     assert "Merged from 2 runs" in merged["md"] and "(seeds [8])" in merged["md"]
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--ged-table", "--out", str(tmp_path / "bad"),
-           "--ged-merge", parts[0], parts[0]]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert res.returncode != 0 and "repeat a seed" in res.stderr and not (tmp_path / "bad.json").exists()
+    assert "repeat a seed" in _refused_sampling(tmp_path / "bad", "--ged-table", "--ged-merge", parts[0], parts[0])
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+        os.chmod(tmp, _replacing_mode(path, 0o666))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -62,6 +62,11 @@ def _umask() -> int:
     return mask
 
 
+def _replacing_mode(final: Path, fresh: int) -> int:
+    """The permission bits for what replaces ``final``: ``final``'s own, or ``fresh`` less the umask."""
+    return stat.S_IMODE(final.stat().st_mode) if final.exists() else fresh & ~_umask()
+
+
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Swap the complete folder ``tmp`` in as ``final`` and return ``final``.
 
@@ -76,14 +81,13 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     its group. ``final`` itself is replaced, so pass a symbolic link's target to write through it.
     """
     tmp, final = Path(tmp), Path(final)
+    os.chmod(tmp, _replacing_mode(final, 0o777))
     if final.exists():
-        os.chmod(tmp, stat.S_IMODE(final.stat().st_mode))
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
         os.replace(final, old / final.name)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.chmod(tmp, 0o777 & ~_umask())
         os.replace(tmp, final)
     return final
 
