@@ -19,9 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -332,8 +334,63 @@ def test_unreachable_store_stops_before_training(tracked) -> None:
     assert not list(run_dir.rglob("*.pt")) and not (run_dir / "mlflow.db").exists()
 
 
+def _logs_loss(body: bytes) -> bool:
+    try:
+        req = json.loads(body or b"{}")
+    except ValueError:
+        return False
+    return req.get("key") == "loss" or any(m.get("key") == "loss" for m in req.get("metrics", []))
+
+
+@contextlib.contextmanager
+def _killing_proxy(target: str, server: subprocess.Popen):
+    """An HTTP proxy to ``target`` that SIGKILLs the server's process group, and stops
+    listening, as soon as it has forwarded the first request that logs ``loss``. The server
+    so dies at a known point of the training however loaded the machine is (polling the
+    server for the first loss and then killing it raced a fast training to its end)."""
+    killed = threading.Event()
+
+    class Forward(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if killed.is_set():
+                self.close_connection = True  # a dead server answers nothing
+                return
+            req = urllib.request.Request(target + self.path, data=body if self.command != "GET" else None,
+                                         method=self.command, headers={"Content-Type": "application/json"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    status, reply, ctype = r.status, r.read(), r.headers.get("Content-Type", "application/json")
+            except urllib.error.HTTPError as e:
+                status, reply, ctype = e.code, e.read(), e.headers.get("Content-Type", "application/json")
+            if self.command == "POST" and "/runs/log-" in self.path and _logs_loss(body):
+                os.killpg(server.pid, signal.SIGKILL)
+                killed.set()
+                threading.Thread(target=httpd.shutdown, daemon=True).start()
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", killed
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
 def test_server_dies_mid_training(tracked, tmp_path: Path) -> None:
-    """A real tracking server is killed after the first logged iteration: training finishes,
+    """A real tracking server is killed right after the first logged loss: training finishes,
     warns, and its checkpoints are complete; the server's store holds the part logged before."""
     store = tmp_path / "server"
     store.mkdir()
@@ -341,42 +398,25 @@ def test_server_dies_mid_training(tracked, tmp_path: Path) -> None:
     port = _free_port()
     cmd = [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
            "--default-artifact-root", (store / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    with _server(cmd, port) as (server, url):
-        proc = subprocess.Popen(
+    with _server(cmd, port) as (server, server_url), _killing_proxy(server_url, server) as (url, killed):
+        out = subprocess.run(
             [PY, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CFG, *TINY, "--run_name", "midrun",
              "--num_epochs", "2", "--val_interval", "5", "--tracking_uri", url],
             cwd=REPO, env=_env(tracked["root"], MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
         )  # fmt: skip
-        try:
-            exp_id = None
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and proc.poll() is None:
-                exp_id = exp_id or _rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=hsrdiff_lidc")[
-                    "experiment"
-                ]["experiment_id"]
-                runs = _rest(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id],
-                             "filter": "tags.`hsrdiff.run_dir` LIKE '%lidc_midrun'"}).get("runs", [])  # fmt: skip
-                if runs and any(m["key"] == "loss" for m in runs[0]["data"].get("metrics", [])):
-                    break
-                time.sleep(0.3)
-            assert proc.poll() is None, "training ended before the server could be killed"
-            os.killpg(server.pid, signal.SIGKILL)  # the server dies; training goes on
-            out, _ = proc.communicate(timeout=240)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert proc.returncode == 0, out[-3000:]
-    assert f"MLflow tracking to {url} failed" in out and "Training continues" in out
+        assert killed.is_set(), "training logged no loss through the proxy: " + out.stdout[-3000:]
+        assert server.wait(timeout=15) == -signal.SIGKILL
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert f"MLflow tracking to {url} failed" in out.stdout and "Training continues" in out.stdout
     ckpt = tracked["root"] / "runs" / "lidc_midrun" / "checkpoints" / f"resume_checkpoint_{EPOCHS * ITERS_PER_EPOCH}.pt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["trainer"]["iteration"] == EPOCHS * ITERS_PER_EPOCH and "network" in state and "optimizer" in state
-    # what reached the server before it died is in its store: some, not all, iterations
+    # what reached the server before it died is in its store: the first iteration, no later one
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("hsrdiff_lidc").experiment_id
     run = client.search_runs([exp_id], filter_string="tags.`hsrdiff.run_dir` LIKE '%lidc_midrun'")[0]
-    logged = _steps(client, run.info.run_id, "loss")
-    assert 1 <= len(logged) < EPOCHS * ITERS_PER_EPOCH and run.info.status == "RUNNING"
+    assert _steps(client, run.info.run_id, "loss") == [1] and run.info.status == "RUNNING"
 
 
 def test_store_resolution_precedence(tracked, monkeypatch) -> None:
