@@ -143,6 +143,9 @@ def test_demo_case_ms_lesion(tmp_path, monkeypatch):
     assert case.parent == tmp_path / "runs" / "ms_lesion_demo" / "inference" and case.name.startswith("SYNTHETIC_")
     summary = json.loads((case / "summary.json").read_text())
     assert summary["synthetic"] is True and summary["num_samples"] == 2
+    # the bundle's inference sampler, as a real case gets (was DDIM whatever the bundle said)
+    inference_sampler = json.loads((b / "inference.json").read_text())["sampler"]
+    assert (summary["sampler"], summary["num_inference_steps"]) == (inference_sampler, 2) == ("dpmpp_2m_sde", 2)
     files = sorted((case.parent / "sources" / case.name).glob("*.nii.gz"))
     assert [f.name.split("_")[-1] for f in files] == ["flair.nii.gz", "mprage.nii.gz", "pd.nii.gz", "t2.nii.gz"]
     assert all(f.name.startswith("SYNTHETIC_") and b"SYNTHETIC" in nib.load(f).header["descrip"].tobytes() for f in files)
@@ -156,3 +159,8 @@ def test_demo_case_ms_lesion(tmp_path, monkeypatch):
         np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-5)
         np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6)
     assert slicerio.segment_names(slicerio.read_segmentation(str(case / "samples.seg.nrrd"))) == ["sample_01", "sample_02"]
+    # --sampler chooses another one; the rerun replaces the earlier export of the same case
+    again = demo_case("ms_lesion", checkpoint=tmp_path / "model.pt", dataset_dir=tmp_path / "demo", num_samples=2, steps=3,
+                      num_slices=2, configs=[tiny], sampler="ddim")  # fmt: skip
+    summary = json.loads((again / "summary.json").read_text())
+    assert again == case and (summary["sampler"], summary["num_inference_steps"], summary["eta"]) == ("ddim", 3, 1.0)

@@ -82,6 +82,7 @@ def demo_case(
     seed: int = 0,
     num_slices: int = 3,
     configs: Sequence[str | os.PathLike] = (),
+    sampler: str | None = None,
 ) -> Path:
     """Write a SYNTHETIC source from one demo item and export its inference case; return the case folder.
 
@@ -91,11 +92,13 @@ def demo_case(
         dataset_dir: demo data (default ``data/demo_<task>``); its first test item is used.
         item: a specific item file instead.
         out: case folder (default ``<run_dir>/inference/SYNTHETIC_<item>``).
-        num_samples, steps, seed: N samples, DDIM steps, seed.
+        num_samples, steps, seed: N samples, sampling steps (network calls per sample), seed.
         overwrite: replace an earlier export of the same case (only a case folder: ``out``
             holding anything else is refused, naming the entries, and nothing is deleted).
         num_slices: slices of the synthetic source volume.
         configs: further override files after ``demo.json`` (as used for training).
+        sampler: one of ``SAMPLERS``; default the bundle's inference sampler (``inference.json``
+            ``sampler``: SDE-DPM-Solver++(2M)), as a real case gets.
     """
     from monai_hsrdiff.data import load_datalist
     from monai_hsrdiff.export.slicer import check_output_folder
@@ -121,8 +124,9 @@ def demo_case(
         bundle = Path(bundle_root(task))
         config_files = [bundle / "train.json", bundle / "inference.json", bundle / "demo.json", *[Path(c) for c in configs]]
         keys = {"input": [str(f) for f in sources] if len(sources) > 1 else str(sources[0]), "output_dir": str(out),
-                "num_samples": num_samples, "sampler": "ddim", "sampling_steps": steps, "overwrite": bool(overwrite),
-                "seed": seed}  # fmt: skip
+                "num_samples": num_samples, "sampling_steps": steps, "overwrite": bool(overwrite), "seed": seed}
+        if sampler is not None:
+            keys["sampler"] = sampler
         if checkpoint is not None:
             keys["checkpoint"] = str(checkpoint)
         return run_bundle_inference(config_files, keys)
@@ -133,6 +137,7 @@ def demo_case(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from monai_hsrdiff.diffusion.samplers import SAMPLERS
     from monai_hsrdiff.errors import BundleError, InferenceInputError
 
     p = argparse.ArgumentParser(prog="python -m monai_hsrdiff.export.demo_case", description=__doc__.split("\n\n")[0])
@@ -142,11 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--item", default=None, help="a demo item .npz (default: the first test item)")
     p.add_argument("--out", default=None, help="case folder (default runs/<task>_demo/inference/SYNTHETIC_<item>)")
     p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="network calls per sample (default 10)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the bundle's inference sampler (dpmpp_2m_sde)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:
-        case = demo_case(a.task, a.checkpoint, a.dataset_dir, a.item, a.out, a.num_samples, a.steps, True, a.seed)
+        case = demo_case(a.task, a.checkpoint, a.dataset_dir, a.item, a.out, a.num_samples, a.steps, True, a.seed,
+                           sampler=a.sampler)
     except BundleError as e:
         return int(e.code or 2)
     except (InferenceInputError, ValueError, OSError) as e:
