@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         case = demo_case(a.task, a.checkpoint, a.dataset_dir, a.item, a.out, a.num_samples, a.steps, True, a.seed,
-                           sampler=a.sampler)
+                         sampler=a.sampler)
     except BundleError as e:
         return int(e.code or 2)
     except (InferenceInputError, ValueError, OSError) as e:
