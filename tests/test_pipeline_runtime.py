@@ -8,6 +8,7 @@ import torch
 from monai_hsrdiff.diffusion import DPMSolverSampler, HSRDiffPipeline, SelfRegulatedDiffusion
 from monai_hsrdiff.diffusion.pipeline import PRECISIONS, TRUE_PRECISIONS
 from monai_hsrdiff.networks import get_preset
+from monai_hsrdiff.networks.compiled_norm import OpaqueGroupNorm
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,9 @@ def test_compile_matches_eager_fp32(net):
     assert wide_conv(run._orig_mod).dtype == torch.float32  # compiled as a channels-last copy ...
     assert wide_conv(run._orig_mod).is_contiguous(memory_format=torch.channels_last)
     assert not wide_conv(net).is_contiguous(memory_format=torch.channels_last)  # ... the caller's model untouched
+    # GroupNorms made opaque to inductor in the copy only (networks/compiled_norm.py)
+    assert {type(m) for m in run._orig_mod.modules() if isinstance(m, torch.nn.GroupNorm)} == {OpaqueGroupNorm}
+    assert {type(m) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)} == {torch.nn.GroupNorm}
     torch.testing.assert_close(compiled.samples, eager.samples, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.kappa, eager.kappa, rtol=1e-4, atol=1e-5)
     assert pipe.runtime_model() is run  # fixed weights: no second compile

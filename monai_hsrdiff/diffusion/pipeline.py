@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from monai_hsrdiff.diffusion.process import ModelOutput, randn
 from monai_hsrdiff.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
+from monai_hsrdiff.networks.compiled_norm import opaque_group_norms
 
 __all__ = ["CPU_PIXELS_PER_CALL", "PRECISIONS", "TRUE_PRECISIONS", "HSRDiffPipeline", "SamplingOutput", "auto_batch_size", "resolve_autocast_dtype"]
 
@@ -132,7 +133,8 @@ class HSRDiffPipeline:
             dtype = self.autocast_dtype if self.cast_weights else None
             net = copy.deepcopy(self.model).eval().to(dtype, memory_format=torch.channels_last)
             if self.compile:
-                net = torch.compile(net, options={"freezing": True})
+                # large GroupNorms as ATen's kernel: inductor's is 2-5x slower there (networks/compiled_norm.py)
+                net = torch.compile(opaque_group_norms(net), options={"freezing": True})
             self._runtime = (key, net)
         return self._runtime[1]
 
