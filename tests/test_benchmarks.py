@@ -263,3 +263,19 @@ def test_compiled_layouts_quick(tmp_path):
         rate = data["flops_per_image_step"] / data["seconds_per_image_step"][name]
         assert math.isclose(frac, rate / data["matmul_fp32_flops_per_s"], rel_tol=1e-9) and 0 < frac < 2
     assert "of the fp32 matmul" in r["md"] and "interleaved rounds" in r["md"]
+
+
+def test_group_norm_quick(tmp_path):
+    """benchmarks/group_norm.py: one row per GroupNorm shape of a denoising call, both sides of the
+    threshold, and the shipped total made of opaque rows from the threshold up, inductor rows below."""
+    r = _run("group_norm", tmp_path, "--rounds", "1", "--calls", "2", "--threads", "1")
+    data = r["data"]
+    rows = data["shapes"]
+    pixels = [row["shape"][2] * row["shape"][3] for row in rows]
+    assert min(pixels) < data["threshold_pixels"] <= max(pixels)  # 32x32 quick net: both sides of the threshold
+    assert len({(tuple(row["shape"]), row["groups"]) for row in rows}) == len(rows) and all(row["calls"] >= 1 for row in rows)
+    shipped = sum(row["calls"] * row["ms"]["opaque" if row["shape"][2] * row["shape"][3] >= data["threshold_pixels"] else "inductor"]
+                  for row in rows)  # fmt: skip
+    assert math.isclose(data["per_call_ms"]["shipped"], shipped, rel_tol=1e-9)
+    assert all(row["ms"][k] > 0 for row in rows for k in ("eager", "inductor", "opaque", "copy"))
+    assert "compiled copy runs" in r["md"]
