@@ -60,3 +60,17 @@ def test_compiled_equals_eager(size):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # only silu(· + 1) is inductor's
     else:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_opaque_on_cpu_only(monkeypatch):
+    """Off the CPU (here the meta device, as a GPU would be) the norm stays plain ``F.group_norm`` for inductor."""
+    import monai_hsrdiff.networks.compiled_norm as cn
+
+    calls = []
+    monkeypatch.setattr(cn, "group_norm", lambda *a: calls.append(a[0].device.type) or F.group_norm(*a))
+    meta = OpaqueGroupNorm(2, 4, device="meta")
+    assert meta(torch.randn(1, 4, 32, 32, device="meta")).device.type == "meta" and calls == []
+    norm = OpaqueGroupNorm(2, 4)
+    norm(torch.randn(1, 4, 32, 32))
+    norm(torch.randn(1, 4, 31, 32))  # below the threshold
+    assert calls == ["cpu"]

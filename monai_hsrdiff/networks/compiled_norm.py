@@ -38,11 +38,12 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
 
 
 class OpaqueGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters, same state dict) that runs as :func:`group_norm` on inputs
-    of at least ``OPAQUE_FROM_PIXELS`` pixels per channel, and as plain ``F.group_norm`` below."""
+    """``nn.GroupNorm`` (same parameters, same state dict) that runs as :func:`group_norm` on CPU inputs
+    of at least ``OPAQUE_FROM_PIXELS`` pixels per channel, and as plain ``F.group_norm`` otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.affine or x[0, 0].numel() < OPAQUE_FROM_PIXELS:
+        # CPU only: on a GPU inductor's (Triton) GroupNorm is the one to keep
+        if not self.affine or x.device.type != "cpu" or x[0, 0].numel() < OPAQUE_FROM_PIXELS:
             return super().forward(x)
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
