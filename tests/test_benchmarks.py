@@ -267,15 +267,15 @@ def test_compiled_layouts_quick(tmp_path):
 
 def test_group_norm_quick(tmp_path):
     """benchmarks/group_norm.py: one row per GroupNorm shape of a denoising call, both sides of the
-    threshold, and the shipped total made of opaque rows from the threshold up, inductor rows below."""
+    threshold (ATen's kernel from it up, inductor's below), and the per-call total of the compiled copy."""
     r = _run("group_norm", tmp_path, "--rounds", "1", "--calls", "2", "--threads", "1")
     data = r["data"]
     rows = data["shapes"]
     pixels = [row["shape"][2] * row["shape"][3] for row in rows]
     assert min(pixels) < data["threshold_pixels"] <= max(pixels)  # 32x32 quick net: both sides of the threshold
     assert len({(tuple(row["shape"]), row["groups"]) for row in rows}) == len(rows) and all(row["calls"] >= 1 for row in rows)
-    shipped = sum(row["calls"] * row["ms"]["opaque" if row["shape"][2] * row["shape"][3] >= data["threshold_pixels"] else "inductor"]
-                  for row in rows)  # fmt: skip
-    assert math.isclose(data["per_call_ms"]["shipped"], shipped, rel_tol=1e-9)
-    assert all(row["ms"][k] > 0 for row in rows for k in ("eager", "inductor", "opaque", "copy"))
-    assert "compiled copy runs" in r["md"]
+    assert [row["compiled_copy_runs"] for row in rows] == ["aten" if n >= data["threshold_pixels"] else "inductor" for n in pixels]
+    shipped = sum(row["calls"] * row["ms"]["compiled copy"] for row in rows)
+    assert math.isclose(data["per_call_ms"]["compiled copy"], shipped, rel_tol=1e-9)
+    assert all(row["ms"][k] > 0 for row in rows for k in ("eager", "inductor", "compiled copy", "tensor copy"))
+    assert "compiled copy's GroupNorm" in r["md"]

@@ -133,7 +133,7 @@ class HSRDiffPipeline:
             dtype = self.autocast_dtype if self.cast_weights else None
             net = copy.deepcopy(self.model).eval().to(dtype, memory_format=torch.channels_last)
             if self.compile:
-                # large GroupNorms as ATen's kernel: inductor's is 2-5x slower there (networks/compiled_norm.py)
+                # large GroupNorms as ATen's kernel: inductor's is 1.1-4x slower there (networks/compiled_norm.py)
                 net = torch.compile(opaque_group_norms(net), options={"freezing": True})
             self._runtime = (key, net)
         return self._runtime[1]

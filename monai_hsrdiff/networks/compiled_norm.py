@@ -1,14 +1,16 @@
 """GroupNorm for the network copy that ``torch.compile`` (inductor, CPU) runs.
 
-Inductor lowers ``GroupNorm`` to a Welford reduction that, on channels-last CPU tensors, is 2-5x
-slower than ATen's own kernel once an image has 32x32 pixels or more (1.35 against 0.25 ms for
-2x64x64x64 in bf16 on a 2-core EPYC; only at 16x16 and below does inductor win, by fusing the
-norm with its neighbours). :func:`opaque_group_norms` therefore makes the large GroupNorms an
+Inductor lowers ``GroupNorm`` to a Welford reduction that, on channels-last CPU tensors, is 1.1-4x
+slower than ATen's own kernel once an image has 32x32 pixels or more (1.04 against 0.24 ms for
+2x64x64x64 in bf16 on a 2-core EPYC, benchmarks/group_norm.py; only at 16x16 and below does
+inductor win, by fusing the norm with its neighbours). :func:`opaque_group_norms` therefore makes the large GroupNorms an
 opaque custom op that inductor calls as it is, and leaves the small ones to inductor. The output
 is ATen's ``group_norm``, the same numbers eager mode gives; only the compiled copy is changed.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +39,20 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def runs_aten_kernel(x: torch.Tensor) -> bool:
+    """Whether :class:`OpaqueGroupNorm` runs ``x`` through :func:`group_norm`: a CPU input of at least
+    ``OPAQUE_FROM_PIXELS`` pixels per channel (on a GPU inductor's Triton GroupNorm is the one to keep)."""
+    return x.device.type == "cpu" and math.prod(x.shape[2:]) >= OPAQUE_FROM_PIXELS
+
+
 class OpaqueGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters, same state dict) that runs as :func:`group_norm` on CPU inputs
-    of at least ``OPAQUE_FROM_PIXELS`` pixels per channel, and as plain ``F.group_norm`` otherwise."""
+    """``nn.GroupNorm`` (same parameters, same state dict) that runs as :func:`group_norm` where
+    :func:`runs_aten_kernel` says so, and as plain ``F.group_norm`` otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # CPU only: on a GPU inductor's (Triton) GroupNorm is the one to keep
-        if not self.affine or x.device.type != "cpu" or x[0, 0].numel() < OPAQUE_FROM_PIXELS:
-            return super().forward(x)
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if self.affine and runs_aten_kernel(x):
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 def opaque_group_norms(net: nn.Module) -> nn.Module:
