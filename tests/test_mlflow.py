@@ -9,6 +9,9 @@ is killed during a training to check that training survives it.
 from __future__ import annotations
 
 import contextlib
+import getpass
+import hashlib
+import html
 import io
 import json
 import os
@@ -207,6 +210,19 @@ def test_training_run_metrics_params_artifacts(tracked, tmp_path: Path) -> None:
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", p["git_commit"])
     assert run.data.tags["mlflow.source.git.commit"] == p["git_commit"][:40]
     assert run.data.tags["hsrdiff.synthetic"] == "true" and "SYNTHETIC" in run.data.tags["mlflow.note.content"]
+    # who ran which command (the UI's "Created by" and "Source"), and the data set as the run's input
+    tags = run.data.tags
+    assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] == str(BUNDLE / "train.json")
+    assert shlex.split(tags["hsrdiff.command"])[:5] == ["python", "-m", "monai.bundle", "run", "training"]
+    assert "--num_epochs" in shlex.split(tags["hsrdiff.command"])
+    (inp,) = run.inputs.dataset_inputs
+    datalist = Path(p["datalist"])
+    assert (inp.dataset.name, inp.dataset.digest) == ("lidc_demo", hashlib.sha256(datalist.read_bytes()).hexdigest()[:8])
+    assert json.loads(inp.dataset.source) == {"uri": str(datalist.parent.resolve())}
+    assert json.loads(inp.dataset.profile) == {"num_training": 17, "num_validation": int(p["dataset_num_validation"]),
+                                               "num_test": int(p["dataset_num_test"]), "synthetic": True}  # fmt: skip
+    assert {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "training"}
     # the merged config (files + overrides) as an artifact
     cfg = json.loads(Path(client.download_artifacts(rid, "config/bundle_config.json", str(tmp_path))).read_text())
     assert cfg["image_size"] == 32 and cfg["network_def"]["num_res_blocks"] == 1 and cfg["network_def"]["channels"] == [8, 8, 16]
@@ -242,6 +258,9 @@ def test_evaluation_run_nested_and_fallback(tracked, tmp_path: Path) -> None:
         assert run.data.metrics[k] == pytest.approx(v, rel=1e-6), k
         assert _steps(client, rid, k) == [1]
     assert run.data.params["eval_num_samples"] == "32" and run.data.params["eval_split"] == "test"
+    (inp,) = run.inputs.dataset_inputs  # the same data set, used for its test split
+    assert inp.dataset.name == "lidc_demo" and {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "test"}
+    assert run.data.tags["mlflow.source.name"] == str(BUNDLE / "train.json") and "evaluating" in run.data.tags["hsrdiff.command"]
     assert Path(run.data.params["eval_dir"]).resolve() == (run_dir / "eval").resolve()
     assert len(_steps(client, rid, "kappa_t")) == 2
     _png(client, rid, "kappa/kappa_curve_eval.png", tmp_path)
@@ -322,6 +341,45 @@ def test_ui_command_serves_the_run(tracked) -> None:
         with urllib.request.urlopen(f"{url}/get-artifact?path=kappa/kappa_curve_epoch_0002.png&run_uuid={train_id}", timeout=30) as r:
             img = Image.open(io.BytesIO(r.read()))
             assert img.format == "PNG" and img.size[0] > 100
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _rendered_text(url: str) -> str:
+    """The text of ``url`` as a person sees it: the page rendered by headless Chromium (the UI's
+    React app fetches the run over REST) in a 1600x1000 window (the runs table draws only the columns
+    that fit), scripts and tags stripped, whitespace folded."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           "--disable-background-networking", "--window-size=1600,1000", "--virtual-time-budget=30000", "--dump-dom", url]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and "<html" in done.stdout.lower(), done.stderr[-2000:]
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", done.stdout, flags=re.S | re.I)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_ui_pages_in_chromium(tracked) -> None:
+    """The MLflow UI as a browser renders it: each run page shows who ran it, the bundle config and
+    commit, the data set with its digest and use, its metrics; the runs table lists the training with
+    its data set and source."""
+    run_dir, exp_id = tracked["run_dir"], tracked["exp"].experiment_id
+    runs = {role: tracked["client"].get_run(r.info.run_id) for role, r in tracked["runs"].items()}
+    digest = runs["training"].inputs.dataset_inputs[0].dataset.digest
+    commit = runs["training"].data.tags["mlflow.source.git.commit"][:7]
+    port = _free_port()
+    with _server(["bash", "-c", "exec " + ui_command(run_dir, port=port)], port) as (_, url):
+        page = {role: _rendered_text(f"{url}/#/experiments/{exp_id}/runs/{r.info.run_id}") for role, r in runs.items()}
+        table = _rendered_text(runs_url(exp_id, port))
+    for role, context, metric in (("training", "training", "val_ged16"), ("evaluation", "test", "test_ged16")):
+        text = page[role]
+        assert f"lidc_demo-{role}" in text, text[:3000]
+        assert re.search(rf"Created by {re.escape(getpass.getuser())}\b", text), text[:3000]
+        assert re.search(rf"Source train\.json {commit}\b", text), text[:3000]
+        assert re.search(rf"Datasets lidc_demo \({digest}\) {context}\b", text, re.I), text[:3000]
+        assert metric in text and "SYNTHETIC" in text
+    assert "Parent run lidc_demo-training" in page["evaluation"] and "Child runs lidc_demo-evaluation" in page["training"]
+    assert re.search(rf"lidc_demo-training .*lidc_demo \({digest}\) Training .*train\.json", table, re.I), table[:3000]
 
 
 def test_unreachable_store_stops_before_training(tracked) -> None:

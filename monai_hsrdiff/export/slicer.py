@@ -66,6 +66,9 @@ CASE_FILES = ("mean_probability.nii.gz", "entropy.nii.gz", "samples.seg.nrrd", "
 # unstamped) a folder holding nothing but these file names
 CASE_LAYOUT = OutputLayout("monai_hsrdiff.infer", CASE_FILES, stamp_file="summary.json", what="inference case")
 CONSENSUS_COLOR = (1.0, 0.85, 0.0)
+#: gzip level of the ``.seg.nrrd`` files: zlib's default, as SimpleITK writes the NIfTIs. slicerio's
+#: default 9 took 44 s instead of 1.4 s for 16 noisy 512x512x4 masks, for a 6 % smaller file.
+SEG_COMPRESSION_LEVEL = 6
 
 
 def sample_colors(n: int) -> list[tuple[float, float, float]]:
@@ -104,7 +107,7 @@ def write_segmentation(
     seg = slicerio.create_segmentation(source.shape, source.index_to_physical)
     for m, name, color in zip(masks, names, colors):
         slicerio.add_segment(seg, m, {"id": name, "name": name, "color": list(color)})
-    slicerio.write_segmentation(str(path), seg)
+    slicerio.write_segmentation(str(path), seg, compression_level=SEG_COMPRESSION_LEVEL)
     return Path(path)
 
 

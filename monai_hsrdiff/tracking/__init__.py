@@ -10,7 +10,7 @@ from .artifacts import SampleCollector, kappa_curve_figure, sample_grid_figure
 from .figures import FiguresHandler
 from .handler import HSRDiffMLFlowHandler, scalar_output
 from .run import TrackingRun, is_nonzero_rank
-from .run_info import bundle_config, config_params, count_parameters, dataset_info, git_commit
+from .run_info import bundle_config, config_params, count_parameters, dataset_info, dataset_input, git_commit, source_tags
 from .store import (
     TrackingStore,
     check_tracking_store,
@@ -34,6 +34,7 @@ __all__ = [
     "config_params",
     "count_parameters",
     "dataset_info",
+    "dataset_input",
     "git_commit",
     "is_nonzero_rank",
     "kappa_curve_figure",
@@ -44,6 +45,7 @@ __all__ = [
     "resolve_tracking_store",
     "runs_url",
     "sample_grid_figure",
+    "source_tags",
     "scalar_output",
     "ui_command",
 ]

@@ -34,7 +34,7 @@ from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
 from .run import TAG, TrackingRun, is_nonzero_rank, logger
-from .run_info import bundle_config, config_params, count_parameters, dataset_info, git_commit
+from .run_info import bundle_config, config_params, count_parameters, dataset_info, dataset_input, git_commit, source_tags
 from .store import _env, runs_url, ui_command
 
 __all__ = ["HSRDiffMLFlowHandler", "is_nonzero_rank", "scalar_output", "split_metric_names"]
@@ -208,7 +208,8 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         exp_id = self.experiment.experiment_id
         if self.role == "training" and getattr(engine, "resumed_from", None) and self._continue_run(exp_id, engine):
             return True
-        tags = {TAG + "role": self.role, TAG + "run_dir": self.run.run_dir, TAG + "tracking_source": self.run.store.source}
+        tags = source_tags()  # user and command: the UI's "Created by" and "Source"
+        tags.update({TAG + "role": self.role, TAG + "run_dir": self.run.run_dir, TAG + "tracking_source": self.run.store.source})
         if self.run.task:
             tags[TAG + "task"] = self.run.task
         parent = self.run.parent_run_id(exp_id) if self.role == "evaluation" else None
@@ -267,6 +268,9 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         run_id = self.cur_run.info.run_id
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(run_id, params=items[i : i + 100])
+        if info:
+            context = "training" if self.role == "training" else self.split or self.role
+            self.client.log_inputs(run_id, datasets=[dataset_input(self.run.datalist, context)])
         if config is not None:
             self.client.log_dict(run_id, bundle_config(config), "config/bundle_config.json")
             self.client.log_dict(run_id, {k: str(v) for k, v in params.items()}, "config/params.json")

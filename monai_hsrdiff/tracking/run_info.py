@@ -1,4 +1,5 @@
-"""What a tracked run records about itself: its bundle config, data set, code version, model size.
+"""What a tracked run records about itself: its bundle config, data set, code version, model size,
+and who started it from which command.
 
 The config is handed over explicitly (:class:`~monai_hsrdiff.tracking.TrackingRun`'s ``config``:
 the bundle command's merged config); nothing here looks for the running parser.
@@ -6,11 +7,14 @@ the bundle command's merged config); nothing here looks for the running parser.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,16 @@ __all__ = [
     "config_params",
     "count_parameters",
     "dataset_info",
+    "dataset_input",
     "git_commit",
+    "source_tags",
 ]
 
 # sections that wire objects (handlers, transforms, run lists): logged in the config
 # artifact, not as params, because they are code rather than settings
 SKIP_SECTIONS = {"imports", "initialize", "training", "evaluating", "finalize", "run", "train", "validate", "_meta_"}
 MAX_PARAM_VALUE = 500  # MLflow's historical limit; newer servers accept 6000
+MAX_TAG_VALUE = 5000  # MLflow accepts 8000 characters per tag value
 _KEY_BAD = re.compile(r"[^\w./\- ]")
 
 
@@ -142,3 +149,58 @@ def git_commit(path: str | os.PathLike | None = None) -> tuple[str, bool] | None
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit, bool(status.strip())) if re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def source_tags(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """The run-context tags ``mlflow.start_run`` sets and ``MlflowClient.create_run`` does not.
+
+    Without them the MLflow UI shows "Created by —" and "Source —". They come from MLflow's own
+    context registry (``mlflow.user``, ``mlflow.source.type``, ...), with two changes for a
+    ``monai.bundle`` command, whose script is MONAI's ``__main__.py``: ``mlflow.source.name`` is
+    the first ``--config_file`` (absolute; the UI shows its file name) and ``hsrdiff.command`` the
+    whole command line.
+
+    Args:
+        argv: the command line (default ``sys.argv``).
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+
+    from monai_hsrdiff.config_check import bundle_command
+
+    argv = list(sys.argv if argv is None else argv)
+    tags = {k: str(v) for k, v in resolve_tags().items() if k != "mlflow.runName"}
+    command = bundle_command(argv[1:]) if Path(argv[0]).parts[-3:] == ("monai", "bundle", "__main__.py") else None
+    if command is not None and command.config_files:
+        tags["mlflow.source.name"] = str(Path(command.config_files[0]).resolve())
+        tags["hsrdiff.command"] = shlex.join(["python", "-m", "monai.bundle", *argv[1:]])[:MAX_TAG_VALUE]
+    return tags
+
+
+
+def dataset_input(datalist: str | os.PathLike, context: str) -> Any:
+    """The prepared data set as an MLflow run input (the UI's "Datasets" of a run and column of the runs table).
+
+    Name from ``datalist.json``, digest = the first 8 hex digits of its SHA-256 (a changed split
+    shows as a new digest), source = the data folder, profile = the split sizes and the synthetic flag.
+
+    Args:
+        datalist: the data set's ``datalist.json``.
+        context: what the run used it for (``mlflow.data.context``): "training", or the evaluated split.
+
+    Returns:
+        an ``mlflow.entities.DatasetInput`` for ``MlflowClient.log_inputs``.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    path = Path(datalist)
+    info = dataset_info(path)
+    profile = {k.removeprefix("dataset_"): v for k, v in info.items() if k.startswith("dataset_num_")}
+    profile["synthetic"] = info["dataset_synthetic"]
+    dataset = Dataset(
+        name=str(info["dataset_name"]),
+        digest=hashlib.sha256(path.read_bytes()).hexdigest()[:8],
+        source_type="local",
+        source=json.dumps({"uri": info["dataset_path"]}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
