@@ -71,8 +71,10 @@ class HSRDiffPipeline:
             with this dtype, e.g. ``torch.bfloat16`` on CPUs with bf16 matrix units or
             ``torch.float16`` on GPUs (names "bfloat16" / "float16" work too, as in bundle
             configs); the sampler arithmetic, x_t and the returned samples stay in the
-            condition's dtype. ``None`` or "float32" (default): no autocast, the reference
-            numerics. "bfloat16-true" (as Lightning's "bf16-true"): the network runs as a
+            condition's dtype; the network runs as a channels-last copy of the model (oneDNN's
+            bf16 convolutions are faster in it), the model passed in is left as it is.
+            ``None`` or "float32" (default): no autocast, the reference numerics, on the model
+            itself. "bfloat16-true" (as Lightning's "bf16-true"): the network runs as a
             channels-last copy whose weights are bf16, so nothing is cast per call and
             GroupNorm/SiLU run in bf16 too (the fastest CPU setting); the model passed in is
             left as it is. Measured speed and GED16 cost: ``benchmarks/README.md``.
@@ -119,17 +121,19 @@ class HSRDiffPipeline:
         return names.get(self.autocast_dtype, str(self.autocast_dtype).replace("torch.", ""))
 
     def runtime_model(self) -> nn.Module:
-        """The network the denoising steps call: ``model`` itself, or its bf16 / compiled copy.
+        """The network the denoising steps call: ``model`` itself (fp32 eager), or its channels-last
+        copy (autocast), bf16 copy ("bfloat16-true") or compiled copy.
 
         The copy is kept while the model's parameters and buffers are the same tensors at the
         same version (``Tensor._version`` counts in-place updates: an optimizer step, a
         ``load_state_dict``), and made again after they change.
         """
-        if not (self.cast_weights or self.compile):
-            return self.model
+        if not (self.cast_weights or self.compile or self.autocast_dtype is not None):
+            return self.model  # fp32 eager: the reference numerics, on the caller's own model
         key = tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
         if self._runtime is None or self._runtime[0] != key:
-            # channels-last: oneDNN's preferred conv layout (fp32 under inductor +4 %, benchmarks/compiled_layouts.py)
+            # channels-last: oneDNN's preferred conv layout (fp32 under inductor +4 %, benchmarks/compiled_layouts.py;
+            # a bf16 autocast step 16 % faster than on the contiguous model, benchmarks/README.md)
             dtype = self.autocast_dtype if self.cast_weights else None
             net = copy.deepcopy(self.model).eval().to(dtype, memory_format=torch.channels_last)
             if self.compile:
