@@ -27,6 +27,7 @@ __all__ = [
     "RESULTS_DIR",
     "REPO_ROOT",
     "command_line",
+    "flop_counter",
     "interleaved_medians",
     "machine_info",
     "markdown_table",
@@ -79,6 +80,21 @@ def machine_info(shared: bool | None = None) -> dict[str, Any]:
     if shared is not None:
         info["machine_shared_with_other_jobs"] = shared
     return info
+
+
+def flop_counter() -> Any:
+    """A ``FlopCounterMode`` (no display) that also counts CPU attention.
+
+    torch 2.13 has no FLOP formula for ``aten._scaled_dot_product_flash_attention_for_cpu``, the
+    kernel SDPA runs on a CPU, and counts it as 0 (on a GPU its flash / efficient kernels are
+    counted); it gets the same count as those, 4·B·H·L·S·d (QKᵀ and PV).
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash(query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash})
 
 
 def command_line() -> str:

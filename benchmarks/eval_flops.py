@@ -1,6 +1,7 @@
 """FLOPs of the paper's evaluation protocol and the GPU time it implies (issue 16, item 3).
 
-Counts, with ``torch.utils.flop_counter.FlopCounterMode`` on CPU, the FLOPs of one condition
+Counts, with ``torch.utils.flop_counter.FlopCounterMode`` on CPU (attention included:
+``benchmarks.common.flop_counter``), the FLOPs of one condition
 encoding (E_c, run once per image by the pipeline) and one denoising forward with cached
 features (run T x N times per image) of a preset at ``--size`` x ``--size``, then
 
@@ -23,10 +24,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import flop_counter  # noqa: E402
 from monai_hsrdiff.networks import get_preset  # noqa: E402
 
 #: dense peak TFLOP/s (NVIDIA H100 SXM5 / H200 datasheets; A100 SXM4): the number formats the
@@ -48,9 +49,9 @@ def count(preset: str, size: int, in_channels: int, out_channels: int) -> tuple[
     x = torch.randn(1, out_channels, size, size)
     t = torch.tensor([100])
     with torch.inference_mode():
-        with FlopCounterMode(display=False) as enc:
+        with flop_counter() as enc:  # attention included (FlopCounterMode alone counts CPU SDPA as 0)
             feats = net.encode_condition(image)
-        with FlopCounterMode(display=False) as step:
+        with flop_counter() as step:
             net(x, t, condition=None, condition_features=feats)
     return sum(p.numel() for p in net.parameters()), enc.get_total_flops(), step.get_total_flops()
 

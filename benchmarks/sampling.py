@@ -66,6 +66,7 @@ from benchmarks.common import (  # noqa: E402
     LIGHT_DEMO_NET,
     REPO_ROOT,
     command_line,
+    flop_counter,
     interleaved_medians,
     machine_info,
     markdown_table,
@@ -170,9 +171,8 @@ def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
 
 
 def count_flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    """FLOPs of ``fn()`` (convolutions, linears and attention: :func:`~benchmarks.common.flop_counter`)."""
+    with flop_counter() as counter, torch.inference_mode():
         fn()
     return int(counter.get_total_flops())
 

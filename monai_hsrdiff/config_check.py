@@ -183,6 +183,14 @@ def bundle_command(argv: list[str] | None = None, definitions: list[Path] | None
     return BundleCommand(parser, files, sources, merged.get("tracking"))
 
 
+def command_config_files(argv: list[str]) -> list[str]:
+    """``--config_file`` of a ``monai.bundle run`` argument list, in order, reading no file
+    ([] for another command, or when only an ``--args_file`` names them)."""
+    parsed = _fire_arguments(argv)
+    config_file = parsed[1].get("config_file") if parsed is not None else None
+    return [] if config_file is None else _file_list(config_file)
+
+
 def command_config() -> Any:
     """The config (a ``monai.bundle.ConfigParser``) of this ``monai.bundle`` command, rebuilt from its
     arguments as ``ConfigWorkflow`` builds it; None when the process is not ``python -m monai.bundle run``."""

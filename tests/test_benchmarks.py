@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,3 +280,35 @@ def test_group_norm_quick(tmp_path):
     assert math.isclose(data["per_call_ms"]["compiled copy"], shipped, rel_tol=1e-9)
     assert all(row["ms"][k] > 0 for row in rows for k in ("eager", "inductor", "compiled copy", "tensor copy"))
     assert "compiled copy's GroupNorm" in r["md"]
+
+
+def test_flop_counter_counts_cpu_attention():
+    """CPU SDPA runs _scaled_dot_product_flash_attention_for_cpu, which FlopCounterMode alone counts as 0:
+    flop_counter gives it the closed form 4·B·H·L·S·d (QKᵀ and PV), as torch counts its GPU kernels."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.common import flop_counter
+
+    q, k, v = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 24, 8), torch.randn(2, 3, 24, 8)
+    with flop_counter() as ours, torch.inference_mode():
+        F.scaled_dot_product_attention(q, k, v)
+    with FlopCounterMode(display=False) as plain, torch.inference_mode():
+        F.scaled_dot_product_attention(q, k, v)
+    assert ours.get_total_flops() == 4 * 2 * 3 * 40 * 24 * 8 and plain.get_total_flops() == 0
+    lin = torch.nn.Linear(8, 5)
+    with flop_counter() as both, torch.inference_mode():  # the rest is counted as before
+        lin(torch.randn(7, 8))
+    assert both.get_total_flops() == 2 * 7 * 8 * 5
+
+
+def test_step_profile_quick(tmp_path):
+    """benchmarks/step_profile.py: every op class, FLOPs that add up (attention counted), one row per attention shape."""
+    data = _run("step_profile", tmp_path, "--threads", "1", "--rounds", "1", "--calls", "1")["data"]
+    classes = data["classes"]
+    assert set(classes) == {"convolution", "attention", "linear", "GroupNorm + SiLU", "other"}
+    assert classes["convolution"]["flops_per_call"] > classes["attention"]["flops_per_call"] > 0
+    assert classes["GroupNorm + SiLU"]["flops_per_call"] == 0 and classes["GroupNorm + SiLU"]["seconds_per_call"] > 0
+    att = data["attention"]
+    assert att and sum(a["flops"] * a["calls"] for a in att) == classes["attention"]["flops_per_call"]
+    assert all(set(a["seconds"]) == {"SDPA default", "SDPA math", "explicit"} for a in att)

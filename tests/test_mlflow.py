@@ -343,6 +343,23 @@ def test_ui_command_serves_the_run(tracked) -> None:
             assert img.format == "PNG" and img.size[0] > 100
 
 
+def test_source_tags_name_the_bundle_command(tmp_path) -> None:
+    """The first --config_file is the source (absolute), the whole line a tag, no file read; another
+    script keeps MLflow's own source name."""
+    from monai_hsrdiff.tracking import source_tags
+
+    main = str(Path("/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"))
+    cfg = f"['{BUNDLE / 'train.json'}','{BUNDLE / 'demo.json'}']"
+    tags = source_tags([main, "run", "training", "--config_file", cfg, "--num_epochs", "3"])
+    assert tags["mlflow.source.name"] == str(BUNDLE / "train.json") and tags["mlflow.user"] == getpass.getuser()
+    assert shlex.split(tags["hsrdiff.command"]) == ["python", "-m", "monai.bundle", "run", "training", "--config_file", cfg, "--num_epochs", "3"]
+    missing = source_tags([main, "run", "training", "--config_file", str(tmp_path / "nope.json")])  # never opened
+    assert missing["mlflow.source.name"] == str(tmp_path / "nope.json")
+    assert source_tags([main, "run", "training", "--args_file", "a.json"]).get("hsrdiff.command") is None
+    script = source_tags([str(tmp_path / "my_script.py")])  # not the bundle command: MLflow's defaults
+    assert "hsrdiff.command" not in script and script["mlflow.source.type"] == "LOCAL"
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

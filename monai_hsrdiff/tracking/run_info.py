@@ -165,13 +165,13 @@ def source_tags(argv: Sequence[str] | None = None) -> dict[str, str]:
     """
     from mlflow.tracking.context.registry import resolve_tags
 
-    from monai_hsrdiff.config_check import bundle_command
+    from monai_hsrdiff.config_check import command_config_files
 
     argv = list(sys.argv if argv is None else argv)
     tags = {k: str(v) for k, v in resolve_tags().items() if k != "mlflow.runName"}
-    command = bundle_command(argv[1:]) if Path(argv[0]).parts[-3:] == ("monai", "bundle", "__main__.py") else None
-    if command is not None and command.config_files:
-        tags["mlflow.source.name"] = str(Path(command.config_files[0]).resolve())
+    files = command_config_files(argv[1:]) if Path(argv[0]).parts[-3:] == ("monai", "bundle", "__main__.py") else []
+    if files:
+        tags["mlflow.source.name"] = str(Path(files[0]).resolve())
         tags["hsrdiff.command"] = shlex.join(["python", "-m", "monai.bundle", *argv[1:]])[:MAX_TAG_VALUE]
     return tags
 
