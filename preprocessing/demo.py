@@ -33,9 +33,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +48,7 @@ from monai_hsrdiff.utils import (
     check_replaceable,
     guard_output_path,
     list_entries,
+    building_dir,
     remove_interrupted_writes,
     replace_dir,
     unexpected_entries,
@@ -333,9 +332,8 @@ def build_demo(
     remove_interrupted_writes(out, ("tmp", "old"), log)  # a killed earlier build's hidden leftovers
     t0 = time.perf_counter()
     log(f"{SYNTHETIC_BANNER} (task {task}, seed {seed})")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     summary = RunSummary()
-    try:
+    with building_dir(out, "tmp") as tmp:  # locked: a concurrent build leaves it alone
         gen, what = _DEMOS[task]
         entries = []
         for name, patient, image, masks, i2i, i2p, meta in gen(num_items, size, seed, log):
@@ -363,9 +361,6 @@ def build_demo(
                    STAMP_KEY: DEMO_LAYOUT.stamp()},
         )
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"datalist: {out / 'datalist.json'} ({SYNTHETIC_BANNER.split(':')[0]}), {time.perf_counter() - t0:.1f} s")
     log(summary.render())
     return summary

@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -46,7 +44,7 @@ from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.errors import HSRDiffInputError
 from monai_hsrdiff.io import DicomIndex, DicomSeries, DicomSeriesError
 from monai_hsrdiff.tasks.lidc import AIR_HU, LIDC_HU_WINDOW, LIDC_ITEM_SPACING, MAX_READERS, hu_to_unit
-from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, remove_interrupted_writes, replace_dir
+from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, building_dir, remove_interrupted_writes, replace_dir
 from preprocessing.common import (
     RunSummary,
     add_split_arguments,
@@ -247,8 +245,7 @@ def prepare_patient(
     """
     items_dir.mkdir(parents=True, exist_ok=True)
     remove_interrupted_writes(items_dir / patient, ("partial",), log=None)  # left by an interrupted run
-    tmp = Path(tempfile.mkdtemp(prefix=f".{patient}.", suffix=".partial", dir=items_dir))
-    try:
+    with building_dir(items_dir / patient, "partial") as tmp:
         manifest: dict[str, Any] = {"patient": patient, "options": options.as_json(), "items": [], "skipped": []}
         for scan in sorted(scans, key=lambda s: s.id):
             series = index.series(scan.series_instance_uid)
@@ -270,9 +267,6 @@ def prepare_patient(
                     manifest["items"].append(_datalist_entry(f"items/{patient}/{name}", item["meta"], n_nonempty))
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         replace_dir(tmp, items_dir / patient)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,7 +50,7 @@ import numpy as np
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.io.geometry import LPS_FROM_RAS, SliceAxes, axial_axis, slice_axes, slice_item_to_index
 from monai_hsrdiff.tasks.ms_lesion import MODALITIES, RATERS, MSLesionInputError, zscore_brain
-from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, replace_dir
+from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, building_dir, remove_interrupted_writes, replace_dir
 
 from .common import (
     RunSummary,
@@ -201,9 +199,8 @@ def _build_patient(
     """Build one patient's items in a temporary folder and rename it into place."""
     items_dir = out / "items"
     items_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{patient}.", suffix=".tmp", dir=items_dir))
     final = items_dir / patient
-    try:
+    with building_dir(final, "tmp") as tmp:
         entries = []
         for tp in tps:
             for name, image, masks, i2i, i2p, meta in _time_point_items(
@@ -223,9 +220,6 @@ def _build_patient(
                 )
         atomic_write_text(tmp / MANIFEST, json.dumps({"patient": patient, "settings": settings, "entries": entries}, indent=1))
         replace_dir(tmp, final)  # --overwrite, or an unfinished folder: the old one is dropped
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return entries
 
 
@@ -293,11 +287,8 @@ def preprocess_ms_lesion(
     out = check_output_folder(out, LAYOUT, overwrite, r"training\d+", MANIFEST, inputs=[root])
     patients = find_time_points(root)
     items_dir = out / "items"
-    if items_dir.is_dir():  # leftovers of an interrupted run are never mistaken for finished
-        for stale in items_dir.glob(".*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        for stale in items_dir.glob(".*.old"):
-            shutil.rmtree(stale, ignore_errors=True)
+    for patient in patients:  # leftovers of an interrupted run are never mistaken for finished
+        remove_interrupted_writes(items_dir / patient, ("tmp", "old"), log=None)  # a running build's are left alone
 
     todo, done = [], {}
     for patient in patients:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from monai_hsrdiff.utils.atomic import atomic_path, atomic_write_text
+from monai_hsrdiff.utils.atomic import atomic_path, atomic_write_text, building_dir, remove_interrupted_writes
 
 
 def _umask() -> int:
@@ -43,3 +45,54 @@ def test_failed_write_leaves_the_target_and_no_temp_file(tmp_path: Path) -> None
             tmp.write_bytes(b"half")
             raise RuntimeError("writer failed")
     assert path.read_bytes() == b"before" and sorted(p.name for p in tmp_path.iterdir()) == ["item.npz"]
+
+
+_BUILDER = """
+import sys, time
+from pathlib import Path
+from monai_hsrdiff.utils.atomic import building_dir, replace_dir
+final = Path(sys.argv[1])
+with building_dir(final, "tmp") as tmp:
+    (tmp / "item.txt").write_text(sys.argv[2])
+    print(tmp, flush=True)
+    sys.stdin.readline()  # hold the build open until told to finish
+    replace_dir(tmp, final)
+"""
+
+
+def _start_builder(final: Path, text: str) -> tuple[subprocess.Popen, Path]:
+    proc = subprocess.Popen([sys.executable, "-c", _BUILDER, str(final), text], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_cleanup_leaves_a_running_build_alone(tmp_path: Path) -> None:
+    """Two writers of one folder: the second's clean-up of interrupted writes removes a killed
+    build's folder (its lock died with it) but not the one another process is building right now,
+    which then completes."""
+    final = tmp_path / "demo_lidc"
+    killed, killed_tmp = _start_builder(final, "killed")
+    killed.kill()
+    killed.wait(timeout=30)
+    live, live_tmp = _start_builder(final, "live")
+    try:
+        assert killed_tmp.is_dir() and live_tmp.is_dir() and killed_tmp != live_tmp
+        assert killed_tmp.name.startswith(".demo_lidc.") and killed_tmp.name.endswith(".tmp")
+        said: list[str] = []
+        removed = remove_interrupted_writes(final, ("tmp", "old"), said.append)
+        assert removed == [killed_tmp] and not killed_tmp.exists()
+        assert live_tmp.is_dir() and (live_tmp / "item.txt").read_text() == "live"
+        assert any(str(live_tmp) in m and "another running process" in m for m in said), said
+    finally:
+        live.communicate("\n", timeout=60)
+    assert live.returncode == 0 and (final / "item.txt").read_text() == "live" and not live_tmp.exists()
+    assert remove_interrupted_writes(final, ("tmp", "old"), None) == []  # nothing left behind
+
+
+def test_building_dir_is_removed_when_the_build_fails(tmp_path: Path) -> None:
+    final = tmp_path / "case"
+    with pytest.raises(RuntimeError, match="boom"):
+        with building_dir(final, "partial") as tmp:
+            (tmp / "half.nii.gz").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert not tmp.exists() and not final.exists() and list(tmp_path.iterdir()) == []

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ import numpy as np
 
 from monai_hsrdiff.utils import (
     OutputFolderError,
+    building_dir,
     remove_interrupted_writes,
     OutputLayout,
     STAMP_KEY,
@@ -192,8 +191,7 @@ def write_case(
     if samples.shape[1:] != source.shape:
         raise ValueError(f"write_case: samples grid {samples.shape[1:]} differs from the source grid {source.shape}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with building_dir(out, "partial") as tmp:
         mean = prediction.mean_probability
         write_volume(tmp / "mean_probability.nii.gz", mean, source)
         write_volume(tmp / "entropy.nii.gz", prediction.entropy, source)
@@ -229,9 +227,6 @@ def write_case(
         doc["timings"] = {k: round(float(v), 3) for k, v in timings.items()}
         (tmp / "summary.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         replace_dir(tmp, out)  # an empty folder, or --overwrite: the old case is dropped
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,4 +1,4 @@
-from .atomic import atomic_path, atomic_write_text, remove_interrupted_writes, replace_dir
+from .atomic import atomic_path, atomic_write_text, building_dir, remove_interrupted_writes, replace_dir
 from .device import device_problem, resolve_device
 from .outputs import (
     MARKER_NAME,
@@ -25,6 +25,7 @@ __all__ = [
     "RunLock",
     "atomic_path",
     "atomic_write_text",
+    "building_dir",
     "check_replaceable",
     "device_problem",
     "guard_output_path",

@@ -7,6 +7,7 @@ one, never a half-written file that looks valid.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -15,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "remove_interrupted_writes", "replace_dir"]
+__all__ = ["atomic_path", "atomic_write_text", "building_dir", "remove_interrupted_writes", "replace_dir"]
 
 
 @contextlib.contextmanager
@@ -92,6 +93,56 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
+@contextlib.contextmanager
+def building_dir(final: str | os.PathLike, suffix: str) -> Iterator[Path]:
+    """A new hidden folder ``.<name>.XXXXXXXX.<suffix>`` beside ``final`` to build it in, locked.
+
+    The folder is held under an exclusive ``flock`` while the block runs (the kernel drops it when
+    the process dies), so :func:`remove_interrupted_writes` in another process writing the same
+    ``final`` leaves a running build alone and removes only a killed one's. It is made under a
+    name that function does not match and renamed once locked, so no cleaner sees it unlocked.
+    Removed if the block raises; renaming it into place (:func:`replace_dir`) is the block's job.
+
+    Example::
+
+        with building_dir("data/demo_lidc", "tmp") as tmp:
+            write_items(tmp)
+            replace_dir(tmp, "data/demo_lidc")
+    """
+    final = Path(final)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=f".{suffix}~", dir=final.parent))
+    fd = os.open(fresh, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a file system without flock: unlocked, as before
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tmp = fresh.with_name(fresh.name[:-1])
+        os.rename(fresh, tmp)  # mkdtemp's random part keeps the name unique; the lock follows the inode
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _held_by_a_running_write(path: Path) -> bool:
+    """True when another process holds ``path``'s :func:`building_dir` lock (a live write)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no flock here: nothing to tell a running write by
+        return False
+    finally:
+        os.close(fd)  # releases the probe's lock
+    return False
+
+
 def remove_interrupted_writes(
     final: str | os.PathLike, suffixes: Sequence[str], log: Callable[[str], None] | None = print
 ) -> list[Path]:
@@ -100,7 +151,9 @@ def remove_interrupted_writes(
     Folder writers here build ``final`` under such a name (``mkdtemp(prefix=".<name>.")``) and
     :func:`replace_dir` parks the replaced folder in ``.<name>.*.old``; a kill leaves them behind,
     hidden but taking space. They are never a result (``final`` itself is complete or absent),
-    so the next run of the same writer removes them, saying so. Returns what was removed.
+    so the next run of the same writer removes them, saying so. A folder that a running write
+    holds (:func:`building_dir`'s lock: another process building the same ``final`` right now)
+    is left alone. Returns what was removed.
     """
     final = Path(final)
     removed: list[Path] = []
@@ -108,6 +161,10 @@ def remove_interrupted_writes(
         return removed
     for suffix in suffixes:
         for stale in sorted(final.parent.glob(f".{glob.escape(final.name)}.*.{suffix}")):
+            if stale.is_dir() and _held_by_a_running_write(stale):
+                if log is not None:
+                    log(f"[hsrdiff] leaving {stale} alone: another running process is writing {final.name} there")
+                continue
             if log is not None:
                 log(f"[hsrdiff] removing {stale}: left by an interrupted write of {final.name}")
             if stale.is_dir():
