@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from monai_hsrdiff.utils.atomic import atomic_path, atomic_write_text, building_dir, remove_interrupted_writes
+from monai_hsrdiff.utils.atomic import atomic_path, atomic_write_text, building_dir, remove_interrupted_writes, replace_dir
 
 
 def _umask() -> int:
@@ -96,3 +96,24 @@ def test_building_dir_is_removed_when_the_build_fails(tmp_path: Path) -> None:
             (tmp / "half.nii.gz").write_bytes(b"x")
             raise RuntimeError("boom")
     assert not tmp.exists() and not final.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_replace_false_never_replaces_a_filled_folder(tmp_path: Path) -> None:
+    """Without --overwrite the swap itself refuses a folder another process filled meanwhile (rename
+    onto a non-empty folder fails atomically): its files stay, the caller's build folder is dropped."""
+    final = tmp_path / "case"
+    with building_dir(final, "partial") as tmp:  # into an absent folder
+        (tmp / "a.txt").write_text("first")
+        replace_dir(tmp, final, replace=False)
+    assert (final / "a.txt").read_text() == "first"
+    with pytest.raises(FileExistsError, match="filled by another process"):
+        with building_dir(final, "partial") as tmp:
+            (tmp / "b.txt").write_text("second")
+            replace_dir(tmp, final, replace=False)
+    assert sorted(p.name for p in final.iterdir()) == ["a.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with building_dir(empty, "tmp") as tmp:  # an empty folder may be taken
+        (tmp / "c.txt").write_text("x")
+        replace_dir(tmp, empty, replace=False)
+    assert [p.name for p in empty.iterdir()] == ["c.txt"]

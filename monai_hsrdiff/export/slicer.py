@@ -226,7 +226,7 @@ def write_case(
         timings["write_s"] = time.perf_counter() - t0
         doc["timings"] = {k: round(float(v), 3) for k, v in timings.items()}
         (tmp / "summary.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        replace_dir(tmp, out)  # an empty folder, or --overwrite: the old case is dropped
+        replace_dir(tmp, out, replace=overwrite)  # --overwrite: the old case is dropped; else only an empty folder
     return out
 
 

@@ -7,6 +7,7 @@ one, never a half-written file that looks valid.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import os
@@ -68,8 +69,13 @@ def _replacing_mode(final: Path, fresh: int) -> int:
     return stat.S_IMODE(final.stat().st_mode) if final.exists() else fresh & ~_umask()
 
 
-def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> Path:
     """Swap the complete folder ``tmp`` in as ``final`` and return ``final``.
+
+    With ``replace=False`` (a command run without ``--overwrite``) ``final`` may only be absent or
+    empty, checked at the swap itself: ``rename`` onto a non-empty folder fails atomically, so
+    one that another process filled while this one was building is kept and ``FileExistsError``
+    raised (the caller's build folder is then dropped, see :func:`building_dir`).
 
     An existing ``final`` is first renamed into a hidden ``.<name>.*.old`` folder beside it,
     then deleted, so a reader sees the old folder or the new one. ``tmp`` must be on the same
@@ -83,6 +89,17 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """
     tmp, final = Path(tmp), Path(final)
     os.chmod(tmp, _replacing_mode(final, 0o777))
+    if not replace:
+        try:
+            os.rename(tmp, final)  # replaces an empty folder, never a filled one
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(
+                f"{final} was filled by another process while this one was writing it: nothing there was replaced "
+                "and this run's result is discarded (run again with --overwrite to replace it, or choose another folder)"
+            ) from e
+        return final
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
         os.replace(final, old / final.name)
