@@ -29,6 +29,7 @@ __all__ = [
     "command_line",
     "flop_counter",
     "interleaved_medians",
+    "light_network",
     "machine_info",
     "markdown_table",
     "paired_bootstrap_ci",
@@ -80,6 +81,14 @@ def machine_info(shared: bool | None = None) -> dict[str, Any]:
     if shared is not None:
         info["machine_shared_with_other_jobs"] = shared
     return info
+
+
+def light_network(quick: bool = False) -> Any:
+    """``hsrdiff_light`` for 1 -> 1 channels in eval mode, the network the step benchmarks time;
+    with ``quick`` the demo-size widths (:data:`LIGHT_DEMO_NET`), for the test suite."""
+    from monai_hsrdiff.networks import get_preset
+
+    return get_preset("hsrdiff_light", in_channels=1, out_channels=1, **(LIGHT_DEMO_NET if quick else {})).eval()
 
 
 def flop_counter() -> Any:

@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LIGHT_DEMO_NET, RESULTS_DIR, interleaved_medians, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, interleaved_medians, light_network, markdown_table, write_results  # noqa: E402
 from benchmarks.sampling import count_flops, matmul_round  # noqa: E402
-from monai_hsrdiff.networks import get_preset  # noqa: E402
 from monai_hsrdiff.networks.compiled_norm import opaque_group_norms  # noqa: E402
 
 MATMUL = 2048
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     size = 32 if a.quick else a.size
-    model = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **(LIGHT_DEMO_NET if a.quick else {})).eval()
+    model = light_network(a.quick)
     items = max(a.batch)  # every variant does the same work per round
     with torch.inference_mode():
         cond = torch.randn(1, 1, size, size)

@@ -25,14 +25,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LIGHT_DEMO_NET, RESULTS_DIR, interleaved_medians, markdown_table, write_results  # noqa: E402
-from monai_hsrdiff.networks import get_preset  # noqa: E402
+from benchmarks.common import RESULTS_DIR, interleaved_medians, light_network, markdown_table, write_results  # noqa: E402
 from monai_hsrdiff.networks.compiled_norm import OPAQUE_FROM_PIXELS, OpaqueGroupNorm, runs_aten_kernel  # noqa: E402
 
 
 def norm_shapes(size: int, batch: int, quick: bool) -> collections.Counter:
     """(input shape, groups, eps) -> calls, of every GroupNorm in one denoising call."""
-    model = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **(LIGHT_DEMO_NET if quick else {})).eval()
+    model = light_network(quick)
     seen: collections.Counter = collections.Counter()
     with torch.inference_mode():
         feats = model.encode_condition(torch.randn(1, 1, size, size))

@@ -30,9 +30,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LIGHT_DEMO_NET, RESULTS_DIR, flop_counter, interleaved_medians, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, flop_counter, interleaved_medians, light_network, markdown_table, write_results  # noqa: E402
+from benchmarks.sampling import matmul_peak  # noqa: E402
 from monai_hsrdiff.diffusion import HSRDiffPipeline  # noqa: E402
-from monai_hsrdiff.networks import get_preset  # noqa: E402
 
 #: ATen op name (without "aten::") -> class; FLOP-free ops not named here are "other"
 OP_CLASSES = {
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     size, dtype = (32 if a.quick else a.size), getattr(torch, a.precision)
-    model = get_preset("hsrdiff_light", in_channels=1, out_channels=1, **(LIGHT_DEMO_NET if a.quick else {})).eval()
+    model = light_network(a.quick)
     pipe = HSRDiffPipeline(model, None, None if a.precision == "float32" else a.precision)
     net = pipe.runtime_model()
     autocast = torch.autocast("cpu", dtype=dtype, enabled=a.precision != "float32")
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     times = collections.Counter()
     for ev in prof.key_averages():
         times[op_class(ev.key)] += ev.self_cpu_time_total / 1e6 / a.calls  # s per call
-    pa, pb = (torch.randn(2048, 2048, dtype=dtype) for _ in range(2))
-    peak = 2 * 2048**3 / interleaved_medians({"mm": lambda: pa @ pb}, repeats=5)["mm"]
+    peak = matmul_peak(2048, dtype, repeats=5)
     total_t, total_f = sum(times.values()), sum(flops.values())
     rows, data = [], {"settings": vars(a), "peak_flops": peak, "classes": {}, "attention": []}
     for c in CLASSES:

@@ -133,7 +133,7 @@ class HSRDiffPipeline:
         key = tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
         if self._runtime is None or self._runtime[0] != key:
             # channels-last: oneDNN's preferred conv layout (fp32 under inductor +4 %, benchmarks/compiled_layouts.py;
-            # a bf16 autocast step 16 % faster than on the contiguous model, benchmarks/README.md)
+            # a bf16 autocast step 10-14 % faster than on the contiguous model, benchmarks/README.md)
             dtype = self.autocast_dtype if self.cast_weights else None
             net = copy.deepcopy(self.model).eval().to(dtype, memory_format=torch.channels_last)
             if self.compile:

@@ -270,7 +270,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
             self.client.log_batch(run_id, params=items[i : i + 100])
         if info:
             context = "training" if self.role == "training" else self.split or self.role
-            self.client.log_inputs(run_id, datasets=[dataset_input(self.run.datalist, context)])
+            self.client.log_inputs(run_id, datasets=[dataset_input(self.run.datalist, context, info)])
         if config is not None:
             self.client.log_dict(run_id, bundle_config(config), "config/bundle_config.json")
             self.client.log_dict(run_id, {k: str(v) for k, v in params.items()}, "config/params.json")

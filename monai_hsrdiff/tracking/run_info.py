@@ -176,8 +176,7 @@ def source_tags(argv: Sequence[str] | None = None) -> dict[str, str]:
     return tags
 
 
-
-def dataset_input(datalist: str | os.PathLike, context: str) -> Any:
+def dataset_input(datalist: str | os.PathLike, context: str, info: Mapping[str, Any] | None = None) -> Any:
     """The prepared data set as an MLflow run input (the UI's "Datasets" of a run and column of the runs table).
 
     Name from ``datalist.json``, digest = the first 8 hex digits of its SHA-256 (a changed split
@@ -186,6 +185,7 @@ def dataset_input(datalist: str | os.PathLike, context: str) -> Any:
     Args:
         datalist: the data set's ``datalist.json``.
         context: what the run used it for (``mlflow.data.context``): "training", or the evaluated split.
+        info: :func:`dataset_info` of ``datalist`` when the caller has it already (default: read it).
 
     Returns:
         an ``mlflow.entities.DatasetInput`` for ``MlflowClient.log_inputs``.
@@ -193,7 +193,7 @@ def dataset_input(datalist: str | os.PathLike, context: str) -> Any:
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     path = Path(datalist)
-    info = dataset_info(path)
+    info = dataset_info(path) if info is None else info
     profile = {k.removeprefix("dataset_"): v for k, v in info.items() if k.startswith("dataset_num_")}
     profile["synthetic"] = info["dataset_synthetic"]
     dataset = Dataset(
