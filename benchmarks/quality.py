@@ -61,7 +61,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LIGHT_DEMO_NET, REPO_ROOT, command_line, machine_info, markdown_table, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LIGHT_DEMO_NET,
+    REPO_ROOT,
+    command_line,
+    machine_info,
+    markdown_table,
+    paired_bootstrap_ci,
+    write_results,
+)
 from monai_hsrdiff.data import eval_transforms, get_dataset, load_datalist, train_transforms  # noqa: E402
 from monai_hsrdiff.diffusion import HSRDiffPipeline, SelfRegulatedDiffusion, get_sampler  # noqa: E402
 from monai_hsrdiff.engines import HSRDiffTrainer  # noqa: E402
@@ -179,10 +187,16 @@ def load_eval_items(datalist: Path, max_items: int | None) -> tuple[torch.Tensor
     return images, masks
 
 
-def score(pred: np.ndarray, masks: np.ndarray) -> dict[str, float]:
-    """Mean over items of GED16, HM-IoU16, MDM16; ``pred`` (B, N>=16, H, W), ``masks`` (B, A, H, W)."""
-    per_item = [sample_set_metrics(p, m, num_samples=16) for p, m in zip(pred, masks)]
-    return {k: float(np.mean([d[k] for d in per_item])) for k in METRICS}
+def score(pred: np.ndarray, masks: np.ndarray, per_item: bool = False) -> dict[str, Any]:
+    """Mean over items of GED16, HM-IoU16, MDM16; ``pred`` (B, N>=16, H, W), ``masks`` (B, A, H, W).
+
+    ``per_item``: also the values per item (``"per_item": {metric: [B values]}``), for paired CIs.
+    """
+    items = [sample_set_metrics(p, m, num_samples=16) for p, m in zip(pred, masks)]
+    res: dict[str, Any] = {k: float(np.mean([d[k] for d in items])) for k in METRICS}
+    if per_item:
+        res["per_item"] = {k: [float(d[k]) for d in items] for k in METRICS}
+    return res
 
 
 def evaluate(net: torch.nn.Module, images: torch.Tensor, masks: np.ndarray, dual_weight: float, sampler: str,
@@ -194,7 +208,7 @@ def evaluate(net: torch.nn.Module, images: torch.Tensor, masks: np.ndarray, dual
     with torch.inference_mode():
         out = pipe(images, num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
     pred = samples_to_masks(out.samples).numpy()
-    res = score(pred, masks)
+    res = score(pred, masks, per_item=True)
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
     if getattr(net, "prediction", None) in ("srdiff", "dynamic"):  # dynamic: the mean of the per-pixel weight
         res["mean_kappa"] = float(out.kappa.mean())
@@ -217,8 +231,31 @@ def ref_labels(num_annotations: int) -> dict[str, str]:
     }
 
 
-def summarise(runs: list[dict], refs: dict[str, dict], num_annotations: int = 4) -> tuple[str, list[dict]]:
-    """Per-row mean ± sample standard deviation over seeds, as a markdown table and records."""
+def paired_to(runs: list[dict], key: str, reference: str, metric: str) -> dict[str, Any] | None:
+    """Row ``key`` minus row ``reference`` in ``metric``: mean and 95 % bootstrap CI over (seed, item) pairs.
+
+    Pairs are the same test item under the same sampling noise, for the seeds both rows ran with
+    per-item values (runs logged before ``per_item`` existed are left out); None without such seeds.
+    """
+    a_runs = {r["seed"]: r for r in runs if r["row"] == key and "per_item" in r}
+    b_runs = {r["seed"]: r for r in runs if r["row"] == reference and "per_item" in r}
+    seeds = sorted(set(a_runs) & set(b_runs))
+    if key == reference or not seeds:
+        return None
+    a = np.concatenate([a_runs[s]["per_item"][metric] for s in seeds])
+    b = np.concatenate([b_runs[s]["per_item"][metric] for s in seeds])
+    diff, lo, hi = paired_bootstrap_ci(a, b)
+    return {"mean": diff, "ci95": [lo, hi], "pairs": int(a.size), "seeds": seeds}
+
+
+def _diff_text(d: dict[str, Any] | None) -> str:
+    return "" if d is None else f" ({d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])"
+
+
+def summarise(runs: list[dict], refs: dict[str, dict], num_annotations: int = 4,
+              reference: str = "srdiff") -> tuple[str, list[dict]]:  # fmt: skip
+    """Per-row mean ± sample sd over seeds and the paired difference to row ``reference`` (markdown + records),
+    then a second table: each Table 6 row against the row before it (what each switch adds)."""
     order = [*ROWS, *EXTRA_LABELS]
     rows_md, records = [], []
     for key in order:
@@ -233,7 +270,10 @@ def summarise(runs: list[dict], refs: dict[str, dict], num_annotations: int = 4)
             mean = statistics.fmean(vals)
             sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
             rec[m] = {"mean": mean, "sd": sd, "values": vals}
-            cells.append(f"{mean:.3f} ± {sd:.3f}" if len(vals) > 1 else f"{mean:.3f}")
+            diff = paired_to(runs, key, reference, m)
+            if diff is not None:
+                rec[f"{m}_minus_{reference}"] = diff
+            cells.append((f"{mean:.3f} ± {sd:.3f}" if len(vals) > 1 else f"{mean:.3f}") + _diff_text(diff))
         kap = [r["mean_kappa"] for r in done if "mean_kappa" in r]
         curves = [r["kappa_t"] for r in done if "kappa_t" in r]
         profile = ""
@@ -247,8 +287,21 @@ def summarise(runs: list[dict], refs: dict[str, dict], num_annotations: int = 4)
         records.append(rec)
     for key, res in refs.items():
         rows_md.append([ref_labels(num_annotations)[key], "-", *(f"{res[m]:.3f}" for m in METRICS), ""])
-    header = ["row (paper Table 6)", "seeds", "GED16 (lower better)", "HM-IoU16", "MDM16", "mean kappa"]
-    return markdown_table(header, rows_md), records
+    ref_label = ROWS.get(reference, {}).get("label", reference)
+    header = ["row (paper Table 6)", "seeds", f"GED16 (lower better; diff to {ref_label} [95% CI])", "HM-IoU16", "MDM16",
+              "mean kappa"]  # fmt: skip
+    tables = markdown_table(header, rows_md)
+    ladder = []  # Table 6 reads as a ladder: each row adds one switch to the row above it
+    ran = [k for k in TABLE6 if any(r["row"] == k for r in runs)]
+    for lower, upper in zip(ran, ran[1:]):
+        diffs = [paired_to(runs, upper, lower, m) for m in METRICS]
+        if all(d is not None for d in diffs):
+            ladder.append([f"{ROWS[upper]['label']} − {ROWS[lower]['label']}", str(diffs[0]["pairs"]),
+                           *(_diff_text(d).strip(" ()") for d in diffs)])  # fmt: skip
+    if ladder:
+        tables += "\n\nEach row against the row above it (paired over items x seeds, 95 % bootstrap CI; GED lower is better, " \
+                  "HM-IoU and MDM higher):\n\n" + markdown_table(["step", "pairs", "Δ GED16", "Δ HM-IoU16", "Δ MDM16"], ladder)
+    return tables, records
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -272,12 +325,14 @@ def run(args: argparse.Namespace) -> Path:
     steps = get_sampler(args.sampler, SelfRegulatedDiffusion(), num_inference_steps=args.steps).num_inference_steps
 
     def flush(status: str) -> None:
-        table, records = summarise(runs, refs, masks.shape[1])
+        table, records = summarise(runs, refs, masks.shape[1], args.reference)
         notes = (
             f"Status: {status}. Settings: image {args.size}x{args.size}, {DATA_LABELS[args.task]}, light widths {LIGHT_DEMO_NET['channels']}, {args.iterations} iterations of batch "
             f"{args.batch_size}, AdamW lr {args.lr}, evaluation on {images.shape[0]} test items with N={args.num_samples} "
             f"samples from the {args.sampler.upper()} sampler ({steps} steps, "
-            f"eta={args.eta:g}), identical sampling noise for every row. Spread = sample standard deviation over seeds. "
+            f"eta={args.eta:g}), identical sampling noise for every row. Spread = sample standard deviation over seeds; the "
+            f"bracket is the paired mean difference to the {args.reference} row over (seed, item) pairs with a 95 % "
+            "percentile bootstrap CI (it does not include the seed-to-seed spread of training beyond the seeds run). "
             "Demo-scale numbers: they rank the switches on this toy setting only and are not comparable with the paper's."
         )
         write_results(out, "HSRDiff ablation (paper Table 6) on the LIDC demo data", table,
@@ -325,7 +380,7 @@ def run(args: argparse.Namespace) -> Path:
             flush(f"running ({len(runs)} evaluations done, {time.perf_counter() - started:.0f} s)")
     flush(f"complete ({time.perf_counter() - started:.0f} s)")
     plot_kappa()
-    table, _ = summarise(runs, refs, masks.shape[1])
+    table, _ = summarise(runs, refs, masks.shape[1], args.reference)
     print(table)
     return out.with_suffix(".md")
 
@@ -374,6 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--reference", choices=[*ROWS, *EXTRA_LABELS], default="srdiff",
+                   help="the row every other row is paired against (default srdiff, the full model)")
     p.add_argument("--reuse-checkpoints", action="store_true",
                    help="score the checkpoints already in --work instead of training them again")
     args = p.parse_args(argv)

@@ -156,7 +156,12 @@ def test_training_quick(tmp_path):
 
 @pytest.mark.slow
 def test_quality_quick(tmp_path):
-    r = _run("quality", tmp_path, "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"))
+    import numpy as np
+
+    from benchmarks.common import paired_bootstrap_ci
+
+    r = _run("quality", tmp_path, "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"),
+             "--reference", "eps_none")  # fmt: skip
     data, md = r["data"], r["md"]
     assert data["status"].startswith("complete")
     rows = {rec["row"] for rec in data["rows"]}
@@ -174,6 +179,19 @@ def test_quality_quick(tmp_path):
     assert [json.loads(line)["row"] for line in lines] == ["eps_none", "dual_nomix", "dual_nomix_x0head"]
     assert sorted(p.name for p in (tmp_path / "work").glob("*.pt")) == ["dual_nomix_s0.pt", "eps_none_s0.pt"]
     assert "| eps, no condition | 1 |" in md and "reference: the 4 annotations" in md
+    # paired against --reference over the (seed, item) pairs, recomputed here from the logged per-item values
+    runs = {run["row"]: run for run in data["runs"]}
+    recs = {rec["row"]: rec for rec in data["rows"]}
+    assert "ged_16_minus_eps_none" not in recs["eps_none"]
+    for row in ("dual_nomix", "dual_nomix_x0head"):
+        a, b = runs[row]["per_item"]["hm_iou_16"], runs["eps_none"]["per_item"]["hm_iou_16"]
+        assert len(a) == 2 and runs[row]["hm_iou_16"] == pytest.approx(float(np.mean(a)))
+        diff = recs[row]["hm_iou_16_minus_eps_none"]
+        assert diff["mean"] == pytest.approx(float(np.mean(a) - np.mean(b))) and diff["pairs"] == 2
+        assert diff["ci95"] == pytest.approx(list(paired_bootstrap_ci(a, b)[1:]))
+        assert f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" in md
+    # and the ladder: each Table 6 row run against the one above it (the x0-head extra row is not a step)
+    assert "| eps & x0 + f_g + F_h, no learned mix − eps, no condition | 2 |" in md and md.count(" − ") == 1
 
 
 def test_kappa_quick(tmp_path):
