@@ -360,7 +360,8 @@ def build_demo(
             extra={"task": task, "channels": channels, "num_annotations": get_task(task).num_annotations, "seed": seed, "image_size": size,
                    STAMP_KEY: DEMO_LAYOUT.stamp()},
         )
-        replace_dir(tmp, out, replace=overwrite)  # without --overwrite a folder filled meanwhile stays
+        # without --overwrite a folder filled meanwhile stays; with it, one that gained foreign entries
+        replace_dir(tmp, out, replace=overwrite, check=lambda p: unexpected_entries(p, DEMO_LAYOUT))
     log(f"datalist: {out / 'datalist.json'} ({SYNTHETIC_BANNER.split(':')[0]}), {time.perf_counter() - t0:.1f} s")
     log(summary.render())
     return summary

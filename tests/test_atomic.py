@@ -117,3 +117,26 @@ def test_replace_false_never_replaces_a_filled_folder(tmp_path: Path) -> None:
         (tmp / "c.txt").write_text("x")
         replace_dir(tmp, empty, replace=False)
     assert [p.name for p in empty.iterdir()] == ["c.txt"]
+
+
+def test_overwrite_rechecks_the_folder_at_the_swap(tmp_path: Path) -> None:
+    """--overwrite's rule is asked again once the old folder is parked: an entry that appeared while
+    the command ran (after its first check) puts the old folder back untouched, this run's dropped."""
+    final = tmp_path / "case"
+    final.mkdir()
+    (final / "ours.txt").write_text("old")
+
+    def foreign(folder: Path) -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.name != "ours.txt")
+
+    with building_dir(final, "partial") as tmp:  # nothing foreign: replaced as before
+        (tmp / "ours.txt").write_text("new")
+        replace_dir(tmp, final, check=foreign)
+    assert (final / "ours.txt").read_text() == "new"
+    with pytest.raises(FileExistsError, match=r"gained entries that this command did not write.*notes\.txt.*as it was"):
+        with building_dir(final, "partial") as tmp:
+            (tmp / "ours.txt").write_text("newer")
+            (final / "notes.txt").write_text("a user's notes")  # arrives mid-run
+            replace_dir(tmp, final, check=foreign)
+    assert {p.name: p.read_text() for p in final.iterdir()} == {"ours.txt": "new", "notes.txt": "a user's notes"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]  # no parked or build folder left

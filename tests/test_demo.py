@@ -157,6 +157,29 @@ def test_overwrite_and_pipeline(tmp_path: Path, capsys) -> None:
     assert "--num-items must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_overwrite_keeps_a_folder_that_gained_foreign_files_meanwhile(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--overwrite's check ran at the start; a file a user put in --out during the build is not ours,
+    so at the swap the old data set stays, with that file, and the command fails naming it."""
+    import preprocessing.demo as demo
+
+    out = tmp_path / "ms"
+    assert main(["--task", "ms_lesion", "--out", str(out), "--num-items", "6", "--size", "32"]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = demo.write_datalist
+
+    def meanwhile(*args, **kwargs):
+        (out / "my_labels.csv").write_text("case,grade\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "write_datalist", meanwhile)
+    capsys.readouterr()
+    assert main(["--task", "ms_lesion", "--out", str(out), "--num-items", "9", "--size", "32", "--overwrite"]) == 2
+    assert "my_labels.csv" in capsys.readouterr().err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after.pop(Path("my_labels.csv")) == b"case,grade\n" and after == before
+    assert not list(tmp_path.glob(".*"))  # the build folder was dropped
+
+
 def test_demo_script_rebuilds_demo_data_of_another_size(tmp_path: Path) -> None:
     """scripts/demo.sh reuses demo data of demo.json's size, rebuilds one of another size (an
     earlier version's 64x64 set) and builds into an empty or missing folder."""

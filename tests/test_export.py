@@ -110,6 +110,26 @@ def test_refuses_existing_results_and_stays_atomic(tmp_path, monkeypatch):
         write_case(tmp_path / "afile", _prediction(), _source())
 
 
+def test_overwrite_keeps_a_case_that_gained_foreign_files_meanwhile(tmp_path, monkeypatch):
+    """``--overwrite`` checked the case folder at the start; a file put there while the case was being
+    written (here: during the segmentation write) is not ours, so the old case stays as it is."""
+    out = tmp_path / "case"
+    write_case(out, _prediction(), _source())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = slicer.write_segmentation
+
+    def meanwhile(*args, **kwargs):
+        (out / "reading_notes.txt").write_text("radiologist's notes")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slicer, "write_segmentation", meanwhile)
+    with pytest.raises(FileExistsError, match="reading_notes.txt"):
+        write_case(out, _prediction(), _source(), overwrite=True)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.pop("reading_notes.txt") == b"radiologist's notes" and after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+
+
 def test_grid_mismatch_is_refused(tmp_path):
     bad = VolumePrediction(np.zeros((2, 5, 4, 2), bool), Region.whole((5, 4, 2)), {})
     with pytest.raises(ValueError, match="differs from the source grid"):

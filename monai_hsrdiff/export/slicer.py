@@ -226,7 +226,8 @@ def write_case(
         timings["write_s"] = time.perf_counter() - t0
         doc["timings"] = {k: round(float(v), 3) for k, v in timings.items()}
         (tmp / "summary.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        replace_dir(tmp, out, replace=overwrite)  # --overwrite: the old case is dropped; else only an empty folder
+        # --overwrite: the old case is dropped (unless it gained foreign entries meanwhile); else only an empty folder
+        replace_dir(tmp, out, replace=overwrite, check=lambda p: unexpected_entries(p, CASE_LAYOUT))
     return out
 
 

@@ -69,7 +69,12 @@ def _replacing_mode(final: Path, fresh: int) -> int:
     return stat.S_IMODE(final.stat().st_mode) if final.exists() else fresh & ~_umask()
 
 
-def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> Path:
+def replace_dir(
+    tmp: str | os.PathLike,
+    final: str | os.PathLike,
+    replace: bool = True,
+    check: Callable[[Path], Sequence[str]] | None = None,
+) -> Path:
     """Swap the complete folder ``tmp`` in as ``final`` and return ``final``.
 
     With ``replace=False`` (a command run without ``--overwrite``) ``final`` may only be absent or
@@ -78,7 +83,11 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool 
     raised (the caller's build folder is then dropped, see :func:`building_dir`).
 
     An existing ``final`` is first renamed into a hidden ``.<name>.*.old`` folder beside it,
-    then deleted, so a reader sees the old folder or the new one. ``tmp`` must be on the same
+    then deleted, so a reader sees the old folder or the new one. ``check`` (``--overwrite``'s
+    rule, e.g. ``lambda p: unexpected_entries(p, layout)``) is asked again about the parked
+    folder, whose contents no process can add to by its path any more: entries it names (put
+    there after the command's first check) make the old folder go back in place untouched and
+    raise ``FileExistsError``. ``tmp`` must be on the same
     file system (create it beside ``final``). A crash between the two renames leaves no
     ``final``, which every caller treats as "not finished yet".
 
@@ -103,11 +112,30 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool 
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
         os.replace(final, old / final.name)
+        foreign = list(check(old / final.name)) if check is not None else []
+        if foreign:
+            _restore(old, final, foreign)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     return final
+
+
+def _restore(old: Path, final: Path, foreign: Sequence[str]) -> None:
+    """Put the parked ``old / final.name`` back as ``final`` and raise: it gained entries not ours."""
+    shown = ", ".join(foreign[:5]) + (f" ... ({len(foreign)} entries)" if len(foreign) > 5 else "")
+    try:
+        os.rename(old / final.name, final)
+        where = f"{final} is as it was"
+    except OSError:  # someone made a new non-empty final meanwhile: keep both, say where the old one is
+        where = f"the folder is kept, moved to {old / final.name}"
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+    raise FileExistsError(
+        f"{final} gained entries that this command did not write while it ran ({shown}): nothing was replaced "
+        f"and this run's result is discarded ({where}); move those entries away, or choose another folder"
+    )
 
 
 @contextlib.contextmanager
