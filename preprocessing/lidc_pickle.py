@@ -25,13 +25,12 @@ Importing it lets results be compared with published numbers on the same slices.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 
 from monai_hsrdiff.errors import HSRDiffInputError
-from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, replace_dir
+from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, building_dir, remove_interrupted_writes, replace_dir
 from preprocessing.common import (
     DATALIST_NAME,
     SPLITS,
@@ -239,8 +238,9 @@ def import_lidc_pickle(
     entries, summary = [], RunSummary()
     names: dict[str, str] = {}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = None if reuse else Path(tempfile.mkdtemp(prefix=".items.", suffix=".partial", dir=out))
-    try:
+    # a killed import's hidden folders (ours by name; a running one's is locked and left alone)
+    remove_interrupted_writes(items_dir, ("partial", "old"), log=print if progress else None)
+    with contextlib.nullcontext() if reuse else building_dir(items_dir, "partial") as tmp:
         for n, (key, rec) in enumerate(sorted(data.items()), 1):
             uid = rec["series_uid"]
             scan = scans.get(uid)
@@ -281,10 +281,6 @@ def import_lidc_pickle(
         if tmp is not None:
             atomic_write_text(tmp / MANIFEST, json.dumps({"source": source, "n_items": len(entries)}) + "\n")
             replace_dir(tmp, items_dir)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary.patients = len({e["patient"] for e in entries})
     unknown = sorted({e["series_uid"] for e in entries if e["patient"].startswith("series:")})
     if progress and unknown:

@@ -163,6 +163,22 @@ def test_mose_split_matches_sklearn_and_reuses_items(tmp_path, uids):
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
+def test_rerun_removes_a_killed_imports_hidden_folders(tmp_path, uids, capsys):
+    """A kill mid-import leaves ``.items.*.partial`` (or a parked ``.items.*.old``) in --out; the next
+    run removes them, saying so (before, they stayed for good)."""
+    path = _write(tmp_path / "data_lidc.pickle", _records(uids))
+    out = tmp_path / "out"
+    import_lidc_pickle(path, out, progress=False)
+    for stale in (".items.k1ll3d.partial", ".items.p4rk3d.old"):
+        (out / stale).mkdir()
+        (out / stale / "half.npz").write_bytes(b"x")
+    capsys.readouterr()
+    import_lidc_pickle(path, out, split="mose")  # reuses the items, still cleans
+    said = capsys.readouterr().out
+    assert "removing" in said and ".items.k1ll3d.partial" in said and ".items.p4rk3d.old" in said
+    assert sorted(p.name for p in out.iterdir()) == ["datalist.json", "items"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
