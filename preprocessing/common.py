@@ -96,24 +96,27 @@ def stray_item_files(out: Path, unit: str | None, manifest: str) -> list[str]:
         return []
     if not items.is_dir():
         return ["items"]
-
-    def files_ok(folder: Path, rel: str) -> list[str]:
-        return [
-            f"{rel}/{p.name}" for p in sorted(folder.iterdir())
-            if not (p.is_file() and (p.suffix == ".npz" or p.name == manifest)) and not _HIDDEN_LEFTOVER.match(p.name)
-        ]  # fmt: skip
-
     if unit is None:
-        return files_ok(items, "items")
+        return [f"items/{n}" for n in foreign_item_files(items, manifest)]
     stray = []
     for p in sorted(items.iterdir()):
         if _HIDDEN_LEFTOVER.match(p.name):
             continue
         if p.is_dir() and re.fullmatch(unit, p.name):
-            stray += files_ok(p, f"items/{p.name}")
+            stray += [f"items/{p.name}/{n}" for n in foreign_item_files(p, manifest)]
         else:
             stray.append(f"items/{p.name}")
     return stray
+
+
+def foreign_item_files(folder: str | os.PathLike, manifest: str) -> list[str]:
+    """Names in one items folder a converter would not have written (sorted): not an ``.npz`` file,
+    not its ``manifest``, not a hidden leftover of its own. Also asked at the swap of a redone
+    patient folder (``replace_dir(..., check=...)``), so a file added while it ran is kept."""
+    return [
+        p.name for p in sorted(Path(folder).iterdir())
+        if not (p.is_file() and (p.suffix == ".npz" or p.name == manifest)) and not _HIDDEN_LEFTOVER.match(p.name)
+    ]  # fmt: skip
 
 
 def converter_layout(writer: str, what: str, looks_like_ours: Callable[[dict[str, Any]], bool], unit: str | None, manifest: str) -> OutputLayout:

@@ -52,6 +52,7 @@ from preprocessing.common import (
     check_output_folder,
     check_workers,
     converter_layout,
+    foreign_item_files,
     require_out_folder,
     run_patients,
     split_by_patient,
@@ -266,7 +267,8 @@ def prepare_patient(
                     n_nonempty = int(item["masks"].reshape(MAX_READERS, -1).any(axis=1).sum())
                     manifest["items"].append(_datalist_entry(f"items/{patient}/{name}", item["meta"], n_nonempty))
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        replace_dir(tmp, items_dir / patient)
+        # --overwrite, or an unfinished folder: the old one is dropped, unless a file appeared in it meanwhile
+        replace_dir(tmp, items_dir / patient, check=lambda p: foreign_item_files(p, MANIFEST))
     return manifest
 
 

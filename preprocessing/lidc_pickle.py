@@ -46,6 +46,7 @@ from preprocessing.common import (
     add_split_arguments,
     check_output_folder,
     converter_layout,
+    foreign_item_files,
     require_out_folder,
     split_by_patient,
     write_datalist,
@@ -280,7 +281,7 @@ def import_lidc_pickle(
                 print(f"[{n}/{len(data)}] items", flush=True)
         if tmp is not None:
             atomic_write_text(tmp / MANIFEST, json.dumps({"source": source, "n_items": len(entries)}) + "\n")
-            replace_dir(tmp, items_dir)
+            replace_dir(tmp, items_dir, check=lambda p: foreign_item_files(p, MANIFEST))  # a file added meanwhile stays
     summary.patients = len({e["patient"] for e in entries})
     unknown = sorted({e["series_uid"] for e in entries if e["patient"].startswith("series:")})
     if progress and unknown:

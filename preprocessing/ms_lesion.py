@@ -59,6 +59,7 @@ from .common import (
     check_output_folder,
     check_workers,
     converter_layout,
+    foreign_item_files,
     require_out_folder,
     run_patients,
     split_by_patient,
@@ -219,7 +220,8 @@ def _build_patient(
                     }
                 )
         atomic_write_text(tmp / MANIFEST, json.dumps({"patient": patient, "settings": settings, "entries": entries}, indent=1))
-        replace_dir(tmp, final)  # --overwrite, or an unfinished folder: the old one is dropped
+        # --overwrite, or an unfinished folder: the old one is dropped, unless a file appeared in it meanwhile
+        replace_dir(tmp, final, check=lambda p: foreign_item_files(p, MANIFEST))
     return entries
 
 

@@ -130,6 +130,30 @@ def test_resume_skips_and_overwrite_rebuilds(tmp_path: Path) -> None:
         preprocess_ms_lesion(tmp_path / "in", out, size=16, log=lambda s: None)
 
 
+def test_overwrite_keeps_a_patient_folder_that_gained_a_file_meanwhile(tmp_path: Path, monkeypatch) -> None:
+    """--overwrite checks --out at the start; a file a user put into a patient folder while that
+    patient was being rebuilt is not the converter's, so the old folder stays, with the file."""
+    import preprocessing.ms_lesion as ms
+
+    write_isbi_layout(tmp_path / "in", patients={"training01": 1}, time_points=("01",))
+    out = tmp_path / "out"
+    preprocess_ms_lesion(tmp_path / "in", out, size=SIZE, log=lambda s: None)
+    folder = out / "items" / "training01"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real = ms.save_item
+
+    def meanwhile(*args, **kwargs):
+        (folder / "rater_notes.txt").write_text("lesion 3 is a vessel")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ms, "save_item", meanwhile)
+    with pytest.raises(FileExistsError, match="rater_notes.txt"):
+        preprocess_ms_lesion(tmp_path / "in", out, size=SIZE, overwrite=True, log=lambda s: None)
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert after.pop("rater_notes.txt") == b"lesion 3 is a vessel" and after == before
+    assert sorted(p.name for p in (out / "items").iterdir()) == ["training01"]  # no build folder left
+
+
 def _no_output(out: Path) -> None:
     assert not (out / "datalist.json").exists()
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.old"))
