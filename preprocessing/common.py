@@ -25,6 +25,7 @@ from monai_hsrdiff.utils import (
     check_replaceable,
     guard_output_path,
     list_entries,
+    remove_interrupted_writes,
     unexpected_entries,
     unwritable_reason,
 )
@@ -73,6 +74,7 @@ def require_out_folder(out: str | os.PathLike, option: str = "--out") -> None:
 
 
 _HIDDEN_LEFTOVER = re.compile(r"^\..+\.(tmp|partial|old)")  # mkdtemp/atomic_path/replace_dir names of a killed write
+_UNIT_LEFTOVER = re.compile(r"^\.(.+)\.[^.]+\.(?:tmp|partial|old)$")  # .<unit>.<mkdtemp part>.<suffix>
 
 
 def _read_datalist(folder: Path) -> dict[str, Any] | None:
@@ -107,6 +109,21 @@ def stray_item_files(out: Path, unit: str | None, manifest: str) -> list[str]:
         else:
             stray.append(f"items/{p.name}")
     return stray
+
+
+def remove_killed_unit_writes(items_dir: str | os.PathLike, unit: str, log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove what killed writes of any unit left in ``items_dir``: ``.<unit>.*.tmp/partial/old``.
+
+    ``unit`` is the regular expression of the unit (patient) folder names. Every such unit
+    counts, not only those of this run's input, so leftovers of patients an earlier run had and
+    this one has not do not stay for good; a running write's folder is left alone
+    (:func:`monai_hsrdiff.utils.remove_interrupted_writes`). Returns what was removed.
+    """
+    items_dir = Path(items_dir)
+    if not items_dir.is_dir():
+        return []
+    units = sorted({m.group(1) for p in items_dir.iterdir() if (m := _UNIT_LEFTOVER.match(p.name)) and re.fullmatch(unit, m.group(1))})
+    return [r for u in units for r in remove_interrupted_writes(items_dir / u, ("tmp", "partial", "old"), log=log)]
 
 
 def foreign_item_files(folder: str | os.PathLike, manifest: str) -> list[str]:

@@ -53,6 +53,7 @@ from preprocessing.common import (
     check_workers,
     converter_layout,
     foreign_item_files,
+    remove_killed_unit_writes,
     require_out_folder,
     run_patients,
     split_by_patient,
@@ -346,6 +347,7 @@ def prepare_lidc(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     out = check_output_folder(out, LAYOUT, overwrite, PATIENT_FOLDER, MANIFEST, [dicom_root], "--dicom-root")
     items_dir = out / "items"
+    remove_killed_unit_writes(items_dir, PATIENT_FOLDER)  # of any patient, also one this run does not prepare
     if workers > 1:
         forkserver_context(POOL_PRELOAD, start=True)  # the pools' server imports pylidc beside this process
     pl = import_pylidc()

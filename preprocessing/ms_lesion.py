@@ -50,7 +50,7 @@ import numpy as np
 from monai_hsrdiff.data.items import save_item
 from monai_hsrdiff.io.geometry import LPS_FROM_RAS, SliceAxes, axial_axis, slice_axes, slice_item_to_index
 from monai_hsrdiff.tasks.ms_lesion import MODALITIES, RATERS, MSLesionInputError, zscore_brain
-from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, building_dir, remove_interrupted_writes, replace_dir
+from monai_hsrdiff.utils import STAMP_KEY, atomic_write_text, building_dir, replace_dir
 
 from .common import (
     RunSummary,
@@ -60,6 +60,7 @@ from .common import (
     check_workers,
     converter_layout,
     foreign_item_files,
+    remove_killed_unit_writes,
     require_out_folder,
     run_patients,
     split_by_patient,
@@ -86,6 +87,7 @@ __all__ = [
 ]
 
 MANIFEST = "unit.json"
+PATIENT_FOLDER = r"training\d+"  # items/<patient>/ folder names
 # What this converter writes into --out, and how its output of a release before stamps is recognised.
 LAYOUT = converter_layout(
     "preprocessing.ms_lesion", "MS-Lesion data set",
@@ -286,11 +288,11 @@ def preprocess_ms_lesion(
     if empty_share < 0:
         raise ValueError(f"--empty-share must be >= 0 (a fraction of the lesion slices), got {empty_share}")
     settings = _settings(size, float(empty_share), seed)
-    out = check_output_folder(out, LAYOUT, overwrite, r"training\d+", MANIFEST, inputs=[root])
+    out = check_output_folder(out, LAYOUT, overwrite, PATIENT_FOLDER, MANIFEST, inputs=[root])
     patients = find_time_points(root)
     items_dir = out / "items"
-    for patient in patients:  # leftovers of an interrupted run are never mistaken for finished
-        remove_interrupted_writes(items_dir / patient, ("tmp", "old"), log=None)  # a running build's are left alone
+    # killed runs' leftovers (of any patient; a running build's are left alone) are never mistaken for finished
+    remove_killed_unit_writes(items_dir, PATIENT_FOLDER)
 
     todo, done = [], {}
     for patient in patients:

@@ -296,8 +296,11 @@ def test_resume_skip_overwrite_and_interrupted_run(lidc_root, tmp_path, capsys):
     partial = tmp_path / "items" / f".{KNOWN}.abc.partial"
     partial.mkdir()
     (partial / "half.npz").write_bytes(b"PK")
+    parked = tmp_path / "items" / ".LIDC-IDRI-0999.k1ll3d.old"  # a killed swap of a patient this run skips
+    parked.mkdir()
+    (parked / "old.npz").write_bytes(b"PK")
     prepare_lidc(lidc_root, tmp_path, patients=[KNOWN], options=opts, progress=False)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(first) and not partial.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(first) and not partial.exists() and not parked.exists()
     assert [p.name for p in (tmp_path / "items").iterdir()] == [KNOWN]
 
 

@@ -115,11 +115,14 @@ def test_resume_skips_and_overwrite_rebuilds(tmp_path: Path) -> None:
     stale = out / "items" / ".training02.abc.tmp"  # an interrupted run's leftover
     stale.mkdir()
     (stale / "training02_01_s004.npz").write_bytes(b"half")
+    gone = out / "items" / ".training07.k1ll3d.old"  # ... of a patient this run's --root does not have
+    gone.mkdir()
+    (gone / "training07_01_s001.npz").write_bytes(b"old")
     (out / "items" / "training02" / "unit.json").unlink()  # unfinished: no manifest
     logs: list[str] = []
     preprocess_ms_lesion(tmp_path / "in", out, size=SIZE, log=logs.append)
     assert logs[0].startswith("[1/2] training01: already done") and "already done" not in logs[1]
-    assert not stale.exists()
+    assert not stale.exists() and not gone.exists()
     again = {p: p.stat().st_mtime_ns for p in (out / "items").rglob("*.npz")}
     assert set(again) == set(first)
     assert all(again[p] == first[p] for p in again if "training01" in p.name)
