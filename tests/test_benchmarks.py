@@ -190,6 +190,7 @@ def test_quality_quick(tmp_path):
         assert diff["mean"] == pytest.approx(float(np.mean(a) - np.mean(b))) and diff["pairs"] == 2
         assert diff["ci95"] == pytest.approx(list(paired_bootstrap_ci(a, b)[1:]))
         assert f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" in md
+        assert diff["per_seed"] == pytest.approx([diff["mean"]]) and diff["seeds_same_sign"] == 1  # one seed
     # and the ladder: each Table 6 row run against the one above it (the x0-head extra row is not a step)
     assert "| eps & x0 + f_g + F_h, no learned mix − eps, no condition | 2 |" in md and md.count(" − ") == 1
 
