@@ -18,15 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_hsrdiff.utils import atomic_write_text
-from preprocessing.output_folder import (  # the converters' output-folder rule; imported from here before
-    DATALIST_NAME,
-    check_output_folder,
-    converter_layout,
-    foreign_item_files,
-    remove_killed_unit_writes,
-    require_out_folder,
-    stray_item_files,
-)
+from preprocessing.output_folder import DATALIST_NAME
 from preprocessing.parallel import forkserver_context
 
 __all__ = [
@@ -39,12 +31,6 @@ __all__ = [
     "check_workers",
     "map_patients",
     "run_patients",
-    "check_output_folder",
-    "converter_layout",
-    "foreign_item_files",
-    "remove_killed_unit_writes",
-    "require_out_folder",
-    "stray_item_files",
     "split_by_patient",
     "write_datalist",
 ]

@@ -59,7 +59,8 @@ from monai_hsrdiff.tasks.lidc import LIDC_HU_WINDOW, MAX_READERS, hu_to_unit  # 
 
 from .synthetic import synth_ct, synth_ms_slice
 
-from .common import DATALIST_NAME, RunSummary, add_split_arguments, require_out_folder, split_by_patient, write_datalist
+from .common import DATALIST_NAME, RunSummary, add_split_arguments, split_by_patient, write_datalist
+from .output_folder import require_out_folder
 
 __all__ = [
     "DEMO_LAYOUT",

@@ -49,15 +49,17 @@ from preprocessing.common import (
     RunSummary,
     add_split_arguments,
     add_workers_argument,
-    check_output_folder,
     check_workers,
+    run_patients,
+    split_by_patient,
+    write_datalist,
+)
+from preprocessing.output_folder import (
+    check_output_folder,
     converter_layout,
     foreign_item_files,
     remove_killed_unit_writes,
     require_out_folder,
-    run_patients,
-    split_by_patient,
-    write_datalist,
 )
 from preprocessing.parallel import forkserver_context, ordered_map
 from preprocessing.pylidc_compat import import_pylidc

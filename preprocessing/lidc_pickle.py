@@ -44,12 +44,14 @@ from preprocessing.common import (
     SPLITS,
     RunSummary,
     add_split_arguments,
+    split_by_patient,
+    write_datalist,
+)
+from preprocessing.output_folder import (
     check_output_folder,
     converter_layout,
     foreign_item_files,
     require_out_folder,
-    split_by_patient,
-    write_datalist,
 )
 from preprocessing.pylidc_compat import import_pylidc
 from preprocessing.safe_pickle import ARRAY_KINDS, MAX_ARRAY_BYTES, RestrictedUnpickler, UnsafePickleError

@@ -56,15 +56,17 @@ from .common import (
     RunSummary,
     add_split_arguments,
     add_workers_argument,
-    check_output_folder,
     check_workers,
+    run_patients,
+    split_by_patient,
+    write_datalist,
+)
+from .output_folder import (
+    check_output_folder,
     converter_layout,
     foreign_item_files,
     remove_killed_unit_writes,
     require_out_folder,
-    run_patients,
-    split_by_patient,
-    write_datalist,
 )
 from .ms_lesion_input import TimePoint, check_headers, find_time_points, read_volume, time_point_errors, volume_shape
 
