@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 __all__ = [
     "BundleError",
@@ -27,6 +28,7 @@ __all__ = [
     "ItemFormatError",
     "OutputFolderError",
     "fail",
+    "list_entries",
     "own_error",
 ]
 
@@ -93,3 +95,11 @@ def own_error(exc: BaseException | None) -> BaseException | None:
         seen.append(exc)
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+_SHOWN = 6  # entries named in a message before "..."
+
+
+def list_entries(names: Sequence[str]) -> str:
+    """The first few ``names`` for a message, e.g. ``"a, b, c ... (9 entries)"``."""
+    return ", ".join(names[:_SHOWN]) + (f" ... ({len(names)} entries)" if len(names) > _SHOWN else "")

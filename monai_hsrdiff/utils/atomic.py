@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from monai_hsrdiff.errors import list_entries
+
 __all__ = ["atomic_path", "atomic_write_text", "building_dir", "remove_interrupted_writes", "replace_dir"]
 
 
@@ -124,7 +126,6 @@ def replace_dir(
 
 def _restore(old: Path, final: Path, foreign: Sequence[str]) -> None:
     """Put the parked ``old / final.name`` back as ``final`` and raise: it gained entries not ours."""
-    shown = ", ".join(foreign[:5]) + (f" ... ({len(foreign)} entries)" if len(foreign) > 5 else "")
     try:
         os.rename(old / final.name, final)
         where = f"{final} is as it was"
@@ -133,7 +134,7 @@ def _restore(old: Path, final: Path, foreign: Sequence[str]) -> None:
     else:
         shutil.rmtree(old, ignore_errors=True)
     raise FileExistsError(
-        f"{final} gained entries that this command did not write while it ran ({shown}): nothing was replaced "
+        f"{final} gained entries that this command did not write while it ran ({list_entries(foreign)}): nothing was replaced "
         f"and this run's result is discarded ({where}); move those entries away, or choose another folder"
     )
 

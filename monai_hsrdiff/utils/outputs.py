@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monai_hsrdiff.errors import OutputFolderError  # a ValueError: every command's main reports it as one line
+# OutputFolderError is a ValueError: every command's main reports it as one line; list_entries lives in errors.py
+# (it was defined here) so that atomic.py, below this module, names entries the same way
+from monai_hsrdiff.errors import OutputFolderError, list_entries
 from monai_hsrdiff.paths import repo_root
 
 from .atomic import atomic_write_text
@@ -54,7 +56,6 @@ STAMP_FORMAT = 1
 # hidden names our own interrupted writes leave inside a folder: atomic_path's ".<name>.*.tmp<suffix>",
 # mkdtemp(prefix=".<name>.", suffix=".partial") and replace_dir's ".<name>.*.old"
 _LEFTOVER_TAGS = (".tmp", ".partial", ".old")
-_SHOWN = 6  # unexpected entries named in a message before "..."
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,6 @@ def unexpected_entries(folder: str | os.PathLike, layout: OutputLayout) -> list[
     if stamp is None and layout.legacy is not None and not layout.legacy(folder):
         return names  # not our content, whatever the names: a user's own "datalist.json" is not ours to delete
     return [n for n in names if n not in allowed and not _is_leftover(n, allowed)]
-
-
-def list_entries(names: Sequence[str]) -> str:
-    """The first few ``names`` for a message, e.g. ``"a, b, c ... (9 entries)"``."""
-    return ", ".join(names[:_SHOWN]) + (f" ... ({len(names)} entries)" if len(names) > _SHOWN else "")
 
 
 def check_replaceable(folder: str | os.PathLike, layout: OutputLayout, option: str = "--out") -> Path:
