@@ -187,3 +187,26 @@ def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], num_resamples: i
     tail = (1.0 - level) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return float(d.mean()), float(lo), float(hi)
+
+
+def paired_over_seeds(a: dict[int, Sequence[float]], b: dict[int, Sequence[float]]) -> dict[str, Any] | None:
+    """Setting ``a`` minus setting ``b`` over the (seed, item) pairs of the seeds both ran.
+
+    ``a`` and ``b`` map a seed to its per-item values (the same items in the same order under
+    both settings). Returns the paired mean difference with its 95 % bootstrap CI
+    (:func:`paired_bootstrap_ci`), the number of pairs, the seeds, each seed's own mean
+    difference and how many of those have the overall difference's sign (the pairs CI holds the
+    trained weights fixed; whether every seed's training agrees is the other half); None
+    without a shared seed.
+    """
+    import numpy as np
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    x = np.concatenate([np.asarray(a[s], dtype=float) for s in seeds])
+    y = np.concatenate([np.asarray(b[s], dtype=float) for s in seeds])
+    diff, lo, hi = paired_bootstrap_ci(x, y)
+    per_seed = [float(np.mean(a[s]) - np.mean(b[s])) for s in seeds]
+    return {"mean": diff, "ci95": [lo, hi], "pairs": int(x.size), "seeds": seeds, "per_seed": per_seed,
+            "seeds_same_sign": int(sum(np.sign(d) == np.sign(diff) for d in per_seed))}  # fmt: skip

@@ -49,7 +49,7 @@ from benchmarks.common import (  # noqa: E402
     command_line,
     machine_info,
     markdown_table,
-    paired_bootstrap_ci,
+    paired_over_seeds,
     write_results,
 )
 from monai_hsrdiff.diffusion import HSRDiffPipeline, SelfRegulatedDiffusion, get_sampler  # noqa: E402
@@ -137,14 +137,11 @@ def summarise(runs: list[dict], reference: str = "paper") -> tuple[str, list[dic
             means = [statistics.fmean(r[m]) for r in done.values()]
             sd = statistics.stdev(means) if len(means) > 1 else float("nan")
             cell = f"{statistics.fmean(means):.3f} ± {sd:.3f}"
-            ref = by_key.get(reference, {})
-            shared = sorted(set(done) & set(ref))
-            if key != reference and shared:
-                a = np.concatenate([done[s][m] for s in shared])
-                b = np.concatenate([ref[s][m] for s in shared])
-                diff, lo, hi = paired_bootstrap_ci(a, b)
-                rec[f"{m}_minus_{reference}"] = {"mean": diff, "ci95": [lo, hi], "pairs": int(a.size)}
-                cell += f" ({diff:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+            diff = None if key == reference else paired_over_seeds(
+                {s: r[m] for s, r in done.items()}, {s: r[m] for s, r in by_key.get(reference, {}).items()})  # fmt: skip
+            if diff is not None:
+                rec[f"{m}_minus_{reference}"] = diff
+                cell += f" ({diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}])"
             rec[m] = {"mean": statistics.fmean(means), "sd": sd, "per_seed": means}
             cells.append(cell)
         kap = [statistics.fmean(r["diagnostics"]["kappa_mean"]) for r in done.values()]

@@ -67,7 +67,7 @@ from benchmarks.common import (  # noqa: E402
     command_line,
     machine_info,
     markdown_table,
-    paired_bootstrap_ci,
+    paired_over_seeds,
     write_results,
 )
 from monai_hsrdiff.data import eval_transforms, get_dataset, load_datalist, train_transforms  # noqa: E402
@@ -232,23 +232,15 @@ def ref_labels(num_annotations: int) -> dict[str, str]:
 
 
 def paired_to(runs: list[dict], key: str, reference: str, metric: str) -> dict[str, Any] | None:
-    """Row ``key`` minus row ``reference`` in ``metric``: mean and 95 % bootstrap CI over (seed, item) pairs.
+    """Row ``key`` minus row ``reference`` in ``metric`` over (seed, item) pairs (:func:`paired_over_seeds`).
 
     Pairs are the same test item under the same sampling noise, for the seeds both rows ran with
     per-item values (runs logged before ``per_item`` existed are left out); None without such seeds.
     """
-    a_runs = {r["seed"]: r for r in runs if r["row"] == key and "per_item" in r}
-    b_runs = {r["seed"]: r for r in runs if r["row"] == reference and "per_item" in r}
-    seeds = sorted(set(a_runs) & set(b_runs))
-    if key == reference or not seeds:
+    if key == reference:
         return None
-    a = np.concatenate([a_runs[s]["per_item"][metric] for s in seeds])
-    b = np.concatenate([b_runs[s]["per_item"][metric] for s in seeds])
-    diff, lo, hi = paired_bootstrap_ci(a, b)
-    # the pairs CI holds the trained weights fixed; whether every seed's training agrees is the other half
-    per_seed = [float(np.mean(a_runs[s]["per_item"][metric]) - np.mean(b_runs[s]["per_item"][metric])) for s in seeds]
-    return {"mean": diff, "ci95": [lo, hi], "pairs": int(a.size), "seeds": seeds, "per_seed": per_seed,
-            "seeds_same_sign": int(sum(np.sign(d) == np.sign(diff) for d in per_seed))}  # fmt: skip
+    a, b = ({r["seed"]: r["per_item"][metric] for r in runs if r["row"] == k and "per_item" in r} for k in (key, reference))
+    return paired_over_seeds(a, b)
 
 
 def _diff_text(d: dict[str, Any] | None, seeds: bool = False) -> str:
