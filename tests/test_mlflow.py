@@ -285,9 +285,9 @@ def test_ui_command_serves_the_run(tracked) -> None:
     # both runs end by printing the command and the direct URL of the runs view
     for out in (tracked["train"].stdout, tracked["evaluate"].stdout):
         assert f"open the MLflow UI: {ui_command(run_dir)}\n" in out
-        assert f"browse the runs: http://127.0.0.1:5000/#/experiments/{exp_id}/runs\n" in out
+        assert f"browse the runs: http://127.0.0.1:5000/#/experiments/{exp_id}/runs?viewStateShareKey=hsrdiff\n" in out
     # what scripts/demo.sh prints: the same address, found in the run folder's store
-    assert local_runs_url(run_dir, "hsrdiff_lidc") == runs_url(exp_id)
+    assert local_runs_url(run_dir, "hsrdiff_lidc") == runs_url(exp_id, view=True)
     assert local_runs_url(run_dir, "no_such_experiment") is None and local_runs_url(run_dir.parent / "none", "x") is None
     port = _free_port()
     line = ui_command(run_dir, port=port)
@@ -387,7 +387,8 @@ def test_ui_pages_in_chromium(tracked) -> None:
     port = _free_port()
     with _server(["bash", "-c", "exec " + ui_command(run_dir, port=port)], port) as (_, url):
         page = {role: _rendered_text(f"{url}/#/experiments/{exp_id}/runs/{r.info.run_id}") for role, r in runs.items()}
-        table = _rendered_text(runs_url(exp_id, port))
+        table = _rendered_text(runs_url(exp_id, port, view=True))
+        plain = _rendered_text(runs_url(exp_id, port))
     for role, context, metric in (("training", "training", "val_ged16"), ("evaluation", "test", "test_ged16")):
         text = page[role]
         assert f"lidc_demo-{role}" in text, text[:3000]
@@ -396,7 +397,23 @@ def test_ui_pages_in_chromium(tracked) -> None:
         assert re.search(rf"Datasets lidc_demo \({digest}\) {context}\b", text, re.I), text[:3000]
         assert metric in text and "SYNTHETIC" in text
     assert "Parent run lidc_demo-training" in page["evaluation"] and "Child runs lidc_demo-evaluation" in page["training"]
-    assert re.search(rf"lidc_demo-training .*lidc_demo \({digest}\) Training .*train\.json", table, re.I), table[:3000]
+    # MLflow's default table: no metric column, the evaluation folded under its training
+    assert re.search(rf"lidc_demo-training .*lidc_demo \({digest}\) Training .*train\.json", plain, re.I), plain[:3000]
+    assert "val_ged16" not in plain and "lidc_demo-evaluation" not in plain
+    # the printed address (the bundles' shared view): the metric columns, both runs flat, each with its values
+    metrics = {role: r.data.metrics for role, r in runs.items()}
+    header = re.search(r"Run Name Created Metrics Dataset Duration test_ged16 test_hm_iou16 val_ged16 val_hm_iou16 ", table)
+    assert header and "Sort: Run Name" in table and "viewing a shared view" in table, table[:3000]
+    rows = table[header.end():]
+    assert rows.index("lidc_demo-evaluation") < rows.index("lidc_demo-training"), rows[:2000]
+
+    def shown(value: float) -> str:  # the UI prints the float's shortest repr
+        return repr(float(value))
+
+    for key in ("test_ged16", "test_hm_iou16"):
+        assert shown(metrics["evaluation"][key]) in rows, (key, rows[:2000])
+    for key in ("val_ged16", "val_hm_iou16"):
+        assert shown(metrics["training"][key]) in rows, (key, rows[:2000])
 
 
 def test_unreachable_store_stops_before_training(tracked) -> None:
@@ -519,6 +536,30 @@ def test_check_store_rejects_bad_stores(tmp_path: Path) -> None:
         check_tracking_store(str(tmp_path / "mlruns"))
 
 
+def test_runs_view_is_merged_and_optional(tracked, tmp_path: Path, caplog) -> None:
+    """The bundles' runs-table view: the runs wrote it (val and test columns, run-name sort); an
+    evaluation of another split adds its columns and keeps the others; an unchanged view is not
+    rewritten; a store that fails costs a warning and False, and the address then has no view key."""
+    from monai_hsrdiff.tracking import ensure_runs_view, runs_view_state
+    from monai_hsrdiff.tracking.runs_view import VIEW_TAG, has_runs_view
+
+    stored = json.loads(tracked["client"].get_experiment(tracked["exp"].experiment_id).tags[VIEW_TAG])
+    assert stored == runs_view_state(("test",)) and stored["orderByKey"] == "tags.`mlflow.runName`"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.create_experiment("views")
+    assert not has_runs_view(client.get_experiment(exp_id))
+    assert ensure_runs_view(client, exp_id) and has_runs_view(client.get_experiment(exp_id))
+    first = json.loads(client.get_experiment(exp_id).tags[VIEW_TAG])["selectedColumns"]
+    assert ensure_runs_view(client, exp_id, "holdout")
+    merged = json.loads(client.get_experiment(exp_id).tags[VIEW_TAG])["selectedColumns"]
+    assert merged[: len(first)] == first and merged[len(first):] == ["metrics.`holdout_ged16`", "metrics.`holdout_hm_iou16`"]
+    client.set_experiment_tag(exp_id, VIEW_TAG, "not json")  # a damaged tag is replaced by the view
+    assert ensure_runs_view(client, exp_id) and json.loads(client.get_experiment(exp_id).tags[VIEW_TAG]) == runs_view_state()
+    with caplog.at_level("WARNING", logger="monai_hsrdiff.tracking"):
+        assert ensure_runs_view(client, "999999") is False
+    assert "could not save the runs-table view on experiment 999999" in caplog.text
+
+
 def test_figures_check_their_inputs() -> None:
     with pytest.raises(ValueError, match="kappa_trace is empty"):
         kappa_curve_figure({})
@@ -530,7 +571,7 @@ def test_figures_check_their_inputs() -> None:
     with pytest.raises(ValueError, match="one K"):
         sample_grid_figure(z(2, 1, 8, 8), z(3, 4, 8, 8), z(2, 16, 8, 8), z(2, 8, 8), z(2, 8, 8))
     fig = sample_grid_figure(z(2, 1, 8, 8), z(2, 4, 8, 8), z(2, 16, 8, 8), z(2, 8, 8), z(2, 8, 8), num_samples=3)
-    assert len(fig.axes) == 2 * (1 + 4 + 3 + 2)
+    assert len(fig.axes) == 2 * (1 + 4 + 3 + 2) + 2  # and the colour bars of mean and entropy
 
 
 CRASH_SCRIPT = """
@@ -632,6 +673,30 @@ def test_sample_grid_marks_empty_readers_on_every_row() -> None:
     assert titles[2] == [""] * cols
     texts = [t.get_text() for ax in fig.axes for t in ax.texts] + [ax.get_title() for ax in fig.axes]
     assert sum("(empty)" in t for t in texts) == 1
+
+
+def test_sample_grid_has_colour_bars_for_mean_and_entropy() -> None:
+    """The mean and entropy columns carry one colour bar each, under the last row, on the fixed
+    scales every row is drawn with: 0-1 and 0-1 bit for a binary task, 0-log2(3) bits for 3 classes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    z = torch.zeros
+    for classes, top in ((2, 1.0), (3, float(np.log2(3)))):
+        label = torch.full((3, 2, 8, 8), classes - 1.0)
+        fig = sample_grid_figure(z(3, 1, 8, 8), label, z(3, 4, 8, 8), z(3, 8, 8), torch.rand(3, 8, 8), num_samples=2)
+        FigureCanvasAgg(fig).draw()
+        panels, bars = fig.axes[: 3 * 7], fig.axes[3 * 7 :]
+        assert len(bars) == 2, [a.get_label() for a in fig.axes]
+        labels = [b.get_xlabel() for b in bars]
+        assert labels == (["fraction of samples", "bits"] if classes == 2 else ["mean class", "bits"])
+        assert bars[1].get_xlim() == pytest.approx((0.0, top))
+        if classes == 2:
+            assert bars[0].get_xlim() == pytest.approx((0.0, 1.0))
+        # every row's entropy panel uses the bar's scale
+        assert all(ax.images[0].get_clim() == pytest.approx((0.0, top)) for ax in panels[6::7])
+        # the bars sit below the last row of panels
+        last_row_bottom = min(ax.get_position().y0 for ax in panels[-7:])
+        assert all(b.get_position().y1 <= last_row_bottom + 1e-6 for b in bars)
 
 
 def test_kappa_label_is_mathtext() -> None:

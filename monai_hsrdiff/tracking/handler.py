@@ -35,6 +35,7 @@ from monai.handlers import MLFlowHandler
 
 from .run import TAG, TrackingRun, is_nonzero_rank, logger
 from .run_info import bundle_config, config_params, count_parameters, dataset_info, dataset_input, git_commit, source_tags
+from .runs_view import ensure_runs_view
 from .store import _env, runs_url, ui_command
 
 __all__ = ["HSRDiffMLFlowHandler", "is_nonzero_rank", "scalar_output", "split_metric_names"]
@@ -155,6 +156,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         self.role = role
         self.split = split
         self._exit_hook = False
+        self._has_view = False
 
     # ---- Ignite events (each tracking call through TrackingRun.guard) ---------------------
 
@@ -192,7 +194,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
         print(f"[hsrdiff] MLflow run {run.info.run_id} ({self.role}) {where} {self.run.store.uri}", flush=True)
         if self.run.store.is_local:
             print(f"[hsrdiff] open the MLflow UI: {ui_command(self.run.run_dir)}", flush=True)
-            print(f"[hsrdiff] then browse the runs: {runs_url(run.info.experiment_id)}", flush=True)
+            print(f"[hsrdiff] then browse the runs: {runs_url(run.info.experiment_id, view=self._has_view)}", flush=True)
 
     # ---- run creation ------------------------------------------------------------------
 
@@ -206,6 +208,7 @@ class HSRDiffMLFlowHandler(MLFlowHandler):
             return self.cur_run is not None
         self._set_experiment()
         exp_id = self.experiment.experiment_id
+        self._has_view = ensure_runs_view(self.client, exp_id, self.split if self.role == "evaluation" else None)
         if self.role == "training" and getattr(engine, "resumed_from", None) and self._continue_run(exp_id, engine):
             return True
         tags = source_tags()  # user and command: the UI's "Created by" and "Source"

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from monai_hsrdiff.errors import fail
 
+from .runs_view import VIEW_KEY, has_runs_view
+
 __all__ = [
     "TrackingStore",
     "check_tracking_store",
@@ -294,25 +296,29 @@ def ui_command(run_dir: str | os.PathLike, port: int = 5000) -> str:
     )
 
 
-def runs_url(experiment_id: str | int, port: int = 5000, host: str = "127.0.0.1") -> str:
+def runs_url(experiment_id: str | int, port: int = 5000, host: str = "127.0.0.1", view: bool = False) -> str:
     """The UI address of an experiment's runs table, ``http://<host>:<port>/#/experiments/<id>/runs``.
 
     MLflow 3 opens an experiment on a GenAI overview page (traces) without the runs; this
-    address goes straight to the runs.
+    address goes straight to the runs. ``view=True`` adds ``?viewStateShareKey=hsrdiff``: the
+    table then opens with the metrics as columns and evaluations listed beside their trainings
+    (runs_view.py; only for an experiment that has the view, which every bundle run writes).
 
     Example::
 
         runs_url("1")  # 'http://127.0.0.1:5000/#/experiments/1/runs'
+        runs_url("1", view=True)  # 'http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=hsrdiff'
     """
-    return f"http://{host}:{int(port)}/#/experiments/{experiment_id}/runs"
+    return f"http://{host}:{int(port)}/#/experiments/{experiment_id}/runs" + (f"?viewStateShareKey={VIEW_KEY}" if view else "")
 
 
 def local_runs_url(run_dir: str | os.PathLike, experiment_name: str, port: int = 5000) -> str | None:
-    """:func:`runs_url` of ``experiment_name`` in a run directory's local store (None when it has none)."""
+    """:func:`runs_url` of ``experiment_name`` in a run directory's local store, with the bundles'
+    view when the experiment has it (None when there is no such store or experiment)."""
     db = Path(run_dir).resolve() / DB_NAME
     if not db.is_file():
         return None
     import mlflow
 
     exp = mlflow.MlflowClient(tracking_uri=local_tracking_uri(run_dir)).get_experiment_by_name(experiment_name)
-    return runs_url(exp.experiment_id, port) if exp is not None else None
+    return runs_url(exp.experiment_id, port, view=has_runs_view(exp)) if exp is not None else None
