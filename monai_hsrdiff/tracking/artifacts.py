@@ -82,11 +82,14 @@ def sample_grid_figure(
         pred: (K, N, H, W) sampled masks, {0, 1} (or class labels).
         mean: (K, H, W) per-pixel sample mean (the foreground frequency for binary tasks).
         entropy: (K, H, W) per-pixel entropy of the samples in bits.
-
-    The first row names the columns; an annotation a reader left empty is titled
-    ``annotation <j> (empty)`` in every row.
         num_samples: how many of the N samples to show.
         title: figure title (run, epoch).
+
+    The first row names the columns; an annotation a reader left empty is titled
+    ``annotation <j> (empty)`` in every row. The mean and entropy columns have a colour bar
+    under the last row: the fraction of samples marking a pixel (0 to 1; class label for
+    multi-class tasks) and the entropy in bits (0 to log2 of the number of classes: 1 bit is
+    an even split between two classes). Every row shares those fixed scales.
 
     Returns:
         A matplotlib ``Figure``.
@@ -120,11 +123,16 @@ def sample_grid_figure(
         panels.append(("entropy (bits)", entropy[r], {"cmap": "magma", "vmin": 0, "vmax": float(np.log2(classes))}))
         for c, (name, data, kw) in enumerate(panels):
             ax = axes[r, c]
-            ax.imshow(data, interpolation="nearest", **kw)
+            shown = ax.imshow(data, interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0 or name.endswith(" (empty)"):  # column names once; "(empty)" on every row it applies to
                 ax.set_title(name, fontsize=8)
+            if r == k - 1 and c >= cols - 2:  # one bar per column: the scale is fixed, so every row shares it
+                what = "fraction of samples" if classes <= 2 else "mean class"
+                bar = fig.colorbar(shown, ax=axes[:, c], location="bottom", shrink=0.9, aspect=12)
+                bar.set_label(what if c == cols - 2 else "bits", fontsize=7)
+                bar.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
