@@ -402,7 +402,11 @@ def test_ui_pages_in_chromium(tracked) -> None:
     assert "val_ged16" not in plain and "lidc_demo-evaluation" not in plain
     # the printed address (the bundles' shared view): the metric columns, both runs flat, each with its values
     metrics = {role: r.data.metrics for role, r in runs.items()}
-    header = re.search(r"Run Name Created Metrics Dataset Duration test_ged16 test_hm_iou16 val_ged16 val_hm_iou16 ", table)
+    # the header groups' text comes in either DOM order; the cells below always read metrics, then params
+    metric_cols, param_cols = "test_ged16 test_hm_iou16 val_ged16 val_hm_iou16 ", "prediction preset "
+    header = re.search(
+        rf"Run Name Created (Metrics |Parameters )*Duration ({metric_cols}{param_cols}|{param_cols}{metric_cols})", table
+    )
     assert header and "Sort: Run Name" in table and "viewing a shared view" in table, table[:3000]
     rows = table[header.end():]
     assert rows.index("lidc_demo-evaluation") < rows.index("lidc_demo-training"), rows[:2000]
@@ -550,9 +554,14 @@ def test_runs_view_is_merged_and_optional(tracked, tmp_path: Path, caplog) -> No
     assert not has_runs_view(client.get_experiment(exp_id))
     assert ensure_runs_view(client, exp_id) and has_runs_view(client.get_experiment(exp_id))
     first = json.loads(client.get_experiment(exp_id).tags[VIEW_TAG])["selectedColumns"]
+    assert first == [f"metrics.`{s}_{m}`" for s in ("val", "test") for m in ("ged16", "hm_iou16")] + ["params.`preset`", "params.`prediction`"]
     assert ensure_runs_view(client, exp_id, "holdout")
     merged = json.loads(client.get_experiment(exp_id).tags[VIEW_TAG])["selectedColumns"]
-    assert merged[: len(first)] == first and merged[len(first):] == ["metrics.`holdout_ged16`", "metrics.`holdout_hm_iou16`"]
+    assert merged == first[:4] + ["metrics.`holdout_ged16`", "metrics.`holdout_hm_iou16`"] + first[4:]
+    updated = client.get_experiment(exp_id).last_update_time
+    assert ensure_runs_view(client, exp_id)  # a training after it keeps the holdout columns, writes nothing
+    assert json.loads(client.get_experiment(exp_id).tags[VIEW_TAG])["selectedColumns"] == merged
+    assert client.get_experiment(exp_id).last_update_time == updated
     client.set_experiment_tag(exp_id, VIEW_TAG, "not json")  # a damaged tag is replaced by the view
     assert ensure_runs_view(client, exp_id) and json.loads(client.get_experiment(exp_id).tags[VIEW_TAG]) == runs_view_state()
     with caplog.at_level("WARNING", logger="monai_hsrdiff.tracking"):
