@@ -294,7 +294,7 @@ def preprocess_ms_lesion(
     patients = find_time_points(root)
     items_dir = out / "items"
     # killed runs' leftovers (of any patient; a running build's are left alone) are never mistaken for finished
-    remove_killed_unit_writes(items_dir, PATIENT_FOLDER)
+    remove_killed_unit_writes(items_dir, PATIENT_FOLDER, log=log)
 
     todo, done = [], {}
     for patient in patients:

@@ -299,7 +299,11 @@ def test_resume_skip_overwrite_and_interrupted_run(lidc_root, tmp_path, capsys):
     parked = tmp_path / "items" / ".LIDC-IDRI-0999.k1ll3d.old"  # a killed swap of a patient this run skips
     parked.mkdir()
     (parked / "old.npz").write_bytes(b"PK")
-    prepare_lidc(lidc_root, tmp_path, patients=[KNOWN], options=opts, progress=False)
+    capsys.readouterr()
+    prepare_lidc(lidc_root, tmp_path, patients=[KNOWN], options=opts)
+    said = capsys.readouterr().out
+    assert f"removing {partial}: left by an interrupted write of {KNOWN}" in said, said
+    assert f"removing {parked}: left by an interrupted write of LIDC-IDRI-0999" in said, said
     assert sorted(p.name for p in folder.iterdir()) == sorted(first) and not partial.exists() and not parked.exists()
     assert [p.name for p in (tmp_path / "items").iterdir()] == [KNOWN]
 

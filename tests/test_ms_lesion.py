@@ -121,6 +121,10 @@ def test_resume_skips_and_overwrite_rebuilds(tmp_path: Path) -> None:
     (out / "items" / "training02" / "unit.json").unlink()  # unfinished: no manifest
     logs: list[str] = []
     preprocess_ms_lesion(tmp_path / "in", out, size=SIZE, log=logs.append)
+    removed = [line for line in logs if line.startswith("[hsrdiff] removing ")]  # said before the patients' lines
+    assert removed == [f"[hsrdiff] removing {stale}: left by an interrupted write of training02",
+                       f"[hsrdiff] removing {gone}: left by an interrupted write of training07"], logs  # fmt: skip
+    logs = logs[len(removed):]
     assert logs[0].startswith("[1/2] training01: already done") and "already done" not in logs[1]
     assert not stale.exists() and not gone.exists()
     again = {p: p.stat().st_mtime_ns for p in (out / "items").rglob("*.npz")}
