@@ -349,8 +349,7 @@ def prepare_lidc(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     out = check_output_folder(out, LAYOUT, overwrite, PATIENT_FOLDER, MANIFEST, [dicom_root], "--dicom-root")
     items_dir = out / "items"
-    # of any patient, also one this run does not prepare; each removal is named
-    remove_killed_unit_writes(items_dir, PATIENT_FOLDER, log=print if progress else None)
+    remove_killed_unit_writes(items_dir, PATIENT_FOLDER, log=print if progress else None)  # of any patient
     if workers > 1:
         forkserver_context(POOL_PRELOAD, start=True)  # the pools' server imports pylidc beside this process
     pl = import_pylidc()
