@@ -18,8 +18,8 @@ carries ``?viewStateShareKey=<key>``. The bundles write the key ``hsrdiff``:
 The UI says "You're viewing a shared view" above it; *Override saved view* keeps it as the
 user's own, *Exit shared view* goes back to MLflow's default columns. Only the tag under this
 module's key is ever written (an evaluation of another split adds its columns; the splits seen
-are kept in the view); a store that refuses the tag (e.g. a server without write access to experiments)
-costs a warning and the plain address, never the run.
+are kept in the view); a store that refuses the tag (e.g. a server without write access to
+experiments) costs a warning and the plain address, never the run.
 """
 
 from __future__ import annotations
